@@ -1,0 +1,140 @@
+"""Every Prometheus metric the server exports, created once on an injected
+registry. Labelled children used on hot paths are looked up once here."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+REJECT_REASONS = (
+    "too_large",
+    "invalid_json",
+    "queue_full",
+    "unsupported_media_type",
+    "shutting_down",
+    "method_not_allowed",
+    "not_found",
+)
+FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
+STORE_FAILURE_REASONS = (
+    "timeout",
+    "connection",
+    "throttled",
+    "server_error",
+    "client_error",
+    "credentials",
+    "io_error",
+    "encode_error",
+)
+DLQ_DROP_REASONS = ("over_budget", "save_error")
+PUT_OUTCOMES = ("ok", "retryable", "permanent")
+
+
+class Metrics:
+    """The server's metrics on one registry (a fresh one per test)."""
+
+    def __init__(self, registry: CollectorRegistry, process: bool = True) -> None:
+        self.registry = registry
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        r = registry
+        self.http_requests = Counter(
+            "estat_http_requests", "HTTP requests answered on the ingest listener, by status code",
+            ["code"], registry=r)
+        self.events_accepted = Counter(
+            "estat_events_accepted", "Events answered 202 and queued", registry=r)
+        self.events_rejected = Counter(
+            "estat_events_rejected", "Requests refused, by reason", ["reason"], registry=r)
+        for reason in REJECT_REASONS:
+            self.events_rejected.labels(reason=reason)
+        self.batches_flushed = Counter(
+            "estat_batches_flushed", "Batches flushed, by what triggered the flush",
+            ["trigger"], registry=r)
+        for trigger in FLUSH_TRIGGERS:
+            self.batches_flushed.labels(trigger=trigger)
+        self.batch_events = Histogram(
+            "estat_batch_events", "Events per flushed batch", registry=r,
+            buckets=(1, 10, 100, 1000, 5000, 10000, 50000, 100000))
+        self.encode_seconds = Histogram(
+            "estat_encode_seconds", "Time to encode and gzip one batch", registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.events_stored = Counter(
+            "estat_events_stored", "Events durably stored, by store", ["store"], registry=r)
+        self.objects_stored = Counter(
+            "estat_objects_stored", "Objects durably stored, by store", ["store"], registry=r)
+        self.bytes_stored = Counter(
+            "estat_bytes_stored", "Compressed bytes durably stored, by store", ["store"],
+            registry=r)
+        self.raw_events = Counter(
+            "estat_raw_events", "Events whose body was not valid JSON, written to the raw prefix",
+            registry=r)
+        self.store_failures = Counter(
+            "estat_store_failures", "Uploads that failed after all retries, by store and reason",
+            ["store", "reason"], registry=r)
+        self.event_queue_depth = Gauge(
+            "estat_event_queue_depth", "Events waiting for the batcher", registry=r)
+        self.event_queue_capacity = Gauge(
+            "estat_event_queue_capacity", "EVENT_QUEUE_SIZE", registry=r)
+        self.upload_queue_depth = Gauge(
+            "estat_upload_queue_depth", "Flushed batches waiting for upload", registry=r)
+        self.upload_queue_capacity = Gauge(
+            "estat_upload_queue_capacity", "UPLOAD_QUEUE_SIZE", registry=r)
+        self.uploads_in_flight = Gauge(
+            "estat_uploads_in_flight", "Batches being encoded or uploaded", registry=r)
+        self.loop_errors = Counter(
+            "estat_loop_errors", "Unexpected errors caught in a background loop, by loop",
+            ["loop"], registry=r)
+        self.ready = Gauge(
+            "estat_ready", "1 when /readyz answers 200", registry=r)
+
+        # S3 store
+        self.s3_events_stored = Counter(
+            "estat_s3_events_stored", "Events stored in S3", registry=r)
+        self.s3_objects_stored = Counter(
+            "estat_s3_objects_stored", "Objects stored in S3", registry=r)
+        self.s3_bytes_stored = Counter(
+            "estat_s3_bytes_stored", "Bytes stored in S3", registry=r)
+        self.s3_put_seconds = Histogram(
+            "estat_s3_put_seconds", "Duration of one S3 PUT attempt", registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.s3_put_attempts = Counter(
+            "estat_s3_put_attempts", "S3 PUT attempts, by outcome", ["outcome"], registry=r)
+        for outcome in PUT_OUTCOMES:
+            self.s3_put_attempts.labels(outcome=outcome)
+        self.s3_put_failures = Counter(
+            "estat_s3_put_failures", "Failed S3 PUT attempts, by reason", ["reason"],
+            registry=r)
+        for reason in STORE_FAILURE_REASONS:
+            self.s3_put_failures.labels(reason=reason)
+
+        # Dead-letter queue
+        self.dlq_events_enqueued = Counter(
+            "estat_dlq_events_enqueued", "Events saved to the dead-letter directory",
+            registry=r)
+        self.dlq_events_reuploaded = Counter(
+            "estat_dlq_events_reuploaded", "Events re-uploaded from the dead-letter directory",
+            registry=r)
+        self.dlq_dropped_events = Counter(
+            "estat_dlq_dropped_events", "Events lost because they could not be dead-lettered",
+            ["reason"], registry=r)
+        for reason in DLQ_DROP_REASONS:
+            self.dlq_dropped_events.labels(reason=reason)
+        self.dlq_quarantined_entries = Counter(
+            "estat_dlq_quarantined_entries", "Unreadable dead-letter entries moved aside",
+            registry=r)
+        self.dlq_entries = Gauge(
+            "estat_dlq_entries", "Entries in the dead-letter directory", registry=r)
+        self.dlq_bytes = Gauge(
+            "estat_dlq_bytes", "Bytes in the dead-letter directory", registry=r)
+        self.dlq_oldest_entry_age = Gauge(
+            "estat_dlq_oldest_entry_age_seconds", "Age of the oldest dead-letter entry",
+            registry=r)

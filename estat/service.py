@@ -1,0 +1,152 @@
+"""The server as one twistd service: builds the pipeline, starts it in
+order, and stops it in one ordered chain with a deadline so nothing that was
+accepted is dropped."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.twisted import MetricsResource
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, DeferredQueue, inlineCallbacks
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+import estat
+from estat.batcher import Batcher
+from estat.config import Settings
+from estat.deadletter import DeadLetterQueue
+from estat.encode import Batch, EncodedObject, encode_batch_safely
+from estat.localstore import LocalStore
+from estat.metrics import Metrics
+from estat.store import Store
+from estat.uploader import Uploader
+from estat.web import AdminSite, IngestSite, IngestState
+
+_log = Logger()
+
+
+class IngestService(Service):
+    """Runs the listeners, batcher, uploader and dead-letter drain.
+
+    Start: thread pool, dead-letter directory, loops, then the listeners
+    (ready only once all of them listen). Stop: see `stopService`.
+    """
+
+    def __init__(self, settings: Settings, reactor: Any,
+                 registry: Optional[CollectorRegistry] = None) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.pool = ThreadPool(minthreads=0, maxthreads=settings.encode_threads,
+                               name="estat-encode")
+        self.queue: DeferredQueue = DeferredQueue(size=settings.event_queue_size)
+        self.state = IngestState(self.queue, self.metrics, settings.max_body_size,
+                                 settings.validate_json)
+        self.metrics.ready.set_function(lambda: 1 if self.state.ready() else 0)
+        self.store = self._make_store()
+        self.dlq = DeadLetterQueue(
+            settings.dlq_dir, settings.dlq_max_bytes, reactor, self.pool, self.metrics,
+            drain_interval=settings.dlq_drain_interval)
+        self.uploader = Uploader(self.store, self.dlq, self._encode, self.metrics,
+                                 settings.upload_queue_size, settings.upload_concurrency)
+        self.batcher = Batcher(reactor, self.queue, self.uploader, self.metrics,
+                               settings.batch_size, settings.batch_max_bytes,
+                               settings.flush_interval)
+        self.ingest_site = IngestSite(self.state)
+        self.admin_site = AdminSite(self.state, MetricsResource(registry=self.registry))
+        self.ports: list[IListeningPort] = []
+        self.admin_port: Optional[IListeningPort] = None
+        self._stopping: Optional[Deferred] = None
+
+    def _make_store(self) -> Store:
+        if self.settings.s3_bucket:
+            from estat.s3 import make_s3_store
+
+            return make_s3_store(self.settings, self.reactor, self.pool, self.metrics)
+        return LocalStore(self.settings.output_dir, self.reactor, self.pool)
+
+    def _encode(self, batch: Batch) -> "Deferred[list[EncodedObject]]":
+        settings = self.settings
+
+        def encode() -> list[EncodedObject]:
+            with self.metrics.encode_seconds.time():
+                return encode_batch_safely(
+                    batch, validated=settings.validate_json, prefix=settings.prefix,
+                    raw_prefix=settings.raw_prefix, host_id=settings.host_id)
+
+        return deferToThreadPool(self.reactor, self.pool, encode)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+        self._started = self._start()
+
+    @inlineCallbacks
+    def _start(self):  # type: ignore[no-untyped-def]
+        try:
+            yield self.dlq.open()
+            self.batcher.start()
+            self.dlq.start_draining(self.store, self.uploader.idle)
+            self.admin_port = yield endpoints.serverFromString(
+                self.reactor, self.settings.admin_listen).listen(self.admin_site)
+            for description in self.settings.listen:
+                port = yield endpoints.serverFromString(
+                    self.reactor, description).listen(self.ingest_site)
+                self.ports.append(port)
+        except Exception as error:
+            _log.critical("cannot start: {error}; stopping", error=str(error))
+            self.reactor.stop()
+            return
+        self.state.started = True
+        _log.info(
+            "estat-ingest {version} ready: ingest on {listen}, admin on {admin}, "
+            "store {store}", version=estat.__version__,
+            listen=", ".join(self.settings.listen), admin=self.settings.admin_listen,
+            store=self._store_description())
+
+    def _store_description(self) -> str:
+        if self.settings.s3_bucket:
+            return f"s3://{self.settings.s3_bucket}"
+        return f"local:{self.store.root}"  # type: ignore[attr-defined]
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        if self._stopping is None:
+            self._stopping = self._stop()
+        return self._stopping
+
+    @inlineCallbacks
+    def _stop(self):  # type: ignore[no-untyped-def]
+        """1. stop accepting (draining: /collect and /readyz answer 503, the
+        ports close); 2. flush the open batch and the event queue; 3. wait
+        for every upload, and at the deadline cancel what is left so it goes
+        to the dead-letter directory; 4. stop the dead-letter drain and the
+        thread pool."""
+        yield self._started
+        self.state.draining = True
+        _log.info("stopping: no longer accepting events")
+        yield DeferredList([port.stopListening() for port in self.ports] or [])
+        yield self.batcher.stop()
+        self.batcher.flush_all()
+        deadline = self.reactor.callLater(
+            self.settings.shutdown_timeout, self._deadline_passed)
+        yield self.dlq.stop_draining()
+        yield self.uploader.when_idle()
+        if deadline.active():
+            deadline.cancel()
+        if self.admin_port is not None:
+            yield self.admin_port.stopListening()
+        self.pool.stop()
+        _log.info("stopped: every accepted event is stored or dead-lettered")
+
+    def _deadline_passed(self) -> None:
+        _log.warn("shutdown deadline of {seconds}s reached: cancelling uploads, "
+                  "their batches go to the dead-letter directory",
+                  seconds=self.settings.shutdown_timeout)
+        self.uploader.cancel_in_flight()

@@ -1,0 +1,94 @@
+"""twistd glue: `twistd estat-ingest` options (each also an environment
+variable) and `makeService`. Bad settings stop twistd here, before it
+daemonises, with one sentence instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from estat.config import OPTIONS, ConfigError, Settings, load_settings
+
+
+def _describe(help_text: str, env: str, default: str) -> str:
+    shown = default if default else "(empty)"
+    return f"{help_text} [env {env}, default {shown}]"
+
+
+def check_directory(label: str, path: str) -> None:
+    """Create `path` if needed and make sure we can write there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{label} {path!r} cannot be created: {error.strerror}.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label} {path!r} is not writable by this user.")
+
+
+def check_endpoint(label: str, description: str) -> None:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(
+            f"{label} {description!r} is not a Twisted endpoint such as tcp:8080 "
+            f"({error}).") from None
+
+
+def validate_environment(settings: Settings) -> None:
+    """Checks that need the machine, not just the text of the settings."""
+    for description in settings.listen:
+        check_endpoint("LISTEN", description)
+    check_endpoint("ADMIN_LISTEN", settings.admin_listen)
+    if not settings.s3_bucket:
+        check_directory("OUTPUT_DIR", settings.output_dir)
+    check_directory("DLQ_DIR", settings.dlq_dir)
+
+
+class Options(usage.Options):
+    """Every setting of estat-ingest; an option beats its environment
+    variable, which beats the default."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Accepts JSON events on POST /collect, batches them and writes gzip'd "
+        "JSON Lines objects to S3 (when S3_BUCKET is set) or to a local directory. "
+        "Every option can also be set with the environment variable named in its "
+        "help; see etc/estat-ingest.env."
+    )
+    optParameters = [
+        [o.name, None, None, _describe(o.help, o.env, o.default)]
+        for o in OPTIONS if o.name != "listen"
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.environ = os.environ if environ is None else environ
+        self.settings: Settings | None = None
+
+    def opt_listen(self, description: str) -> None:
+        """Twisted endpoint for the ingest listener, repeatable [env LISTEN (comma-separated), default tcp:8080]"""
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        try:
+            settings = load_settings(self, self.environ)
+            validate_environment(settings)
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+        self.settings = settings
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from estat.service import IngestService
+
+    assert options.settings is not None
+    reactor_: Any = reactor
+    return IngestService(options.settings, reactor_)

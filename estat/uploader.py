@@ -1,0 +1,155 @@
+"""The upload stage: a bounded queue of flushed batches, a fixed number of
+uploads in flight, encoding off the reactor thread, and every object that
+cannot be stored handed to the dead-letter spool, never dropped."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.logger import Logger
+
+from estat.encode import Batch, EncodedObject
+from estat.metrics import Metrics
+from estat.store import RetryableStoreError, Store, StoreError
+
+_log = Logger()
+
+
+class Spool(Protocol):
+    """Where objects go when the store fails (the dead-letter queue).
+    `save` never fails: what it cannot keep it counts and logs."""
+
+    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
+        ...
+
+
+Encoder = Callable[[Batch], "Deferred[list[EncodedObject]]"]
+
+
+class Uploader:
+    """Takes flushed batches (at most `queue_size` waiting), encodes and
+    stores `concurrency` of them at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        encode: Encoder,
+        metrics: Metrics,
+        queue_size: int,
+        concurrency: int,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self._encode = encode
+        self._metrics = metrics
+        self.queue_size = queue_size
+        self.concurrency = concurrency
+        self._queue: deque[Batch] = deque()
+        self._in_flight = 0
+        self._puts: set[Deferred] = set()
+        self._idle_waiters: list[Deferred] = []
+        self._past_deadline = False
+        metrics.upload_queue_depth.set_function(lambda: len(self._queue))
+        metrics.upload_queue_capacity.set(queue_size)
+        metrics.uploads_in_flight.set_function(lambda: self._in_flight)
+        self._stored = (
+            metrics.events_stored.labels(store=store.name),
+            metrics.objects_stored.labels(store=store.name),
+            metrics.bytes_stored.labels(store=store.name),
+        )
+
+    def has_room(self) -> bool:
+        return len(self._queue) < self.queue_size
+
+    def idle(self) -> bool:
+        return not self._queue and self._in_flight == 0
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, batch: Batch) -> None:
+        """Queue a batch. The batcher checks `has_room` first; at shutdown it
+        submits regardless, since those events are already in memory."""
+        self._queue.append(batch)
+        self._pump()
+
+    def when_idle(self) -> "Deferred[None]":
+        """Fires once every queued and in-flight batch is stored or spooled."""
+        if self.idle():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def cancel_in_flight(self) -> None:
+        """At the shutdown deadline: cancel the store calls under way and
+        send every object still to come straight to the spool."""
+        self._past_deadline = True
+        for put in list(self._puts):
+            put.cancel()
+
+    def _pump(self) -> None:
+        while self._in_flight < self.concurrency and self._queue:
+            batch = self._queue.popleft()
+            self._in_flight += 1
+            d = self._process(batch)
+            d.addErrback(self._unexpected)
+            d.addBoth(self._finished)
+
+    def _finished(self, _: object) -> None:
+        self._in_flight -= 1
+        self._pump()
+        if self.idle():
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _unexpected(self, failure):  # type: ignore[no-untyped-def]
+        self._metrics.loop_errors.labels(loop="uploader").inc()
+        _log.failure("unexpected error in the upload loop", failure=failure)
+
+    @inlineCallbacks
+    def _process(self, batch: Batch):  # type: ignore[no-untyped-def]
+        objects = yield self._encode(batch)
+        for obj in objects:
+            if obj.kind == "raw":
+                self._metrics.raw_events.inc(obj.event_count)
+            yield self._store_or_spool(obj)
+
+    @inlineCallbacks
+    def _store_or_spool(self, obj: EncodedObject):  # type: ignore[no-untyped-def]
+        if self._past_deadline:
+            yield self.spool.save(obj, RetryableStoreError(
+                "timeout", "ShutdownDeadline", "not uploaded before the shutdown deadline"))
+            return
+        put = self.store.put(obj)
+        self._puts.add(put)
+        try:
+            yield put
+        except CancelledError:
+            error: StoreError = RetryableStoreError(
+                "timeout", "Cancelled", "upload cancelled at shutdown")
+        except StoreError as store_error:
+            error = store_error
+        except Exception as other:
+            error = RetryableStoreError("io_error", type(other).__name__, str(other))
+            _log.failure("unexpected error storing {key}", key=obj.key)
+        else:
+            events, objects, size = self._stored
+            events.inc(obj.event_count)
+            objects.inc()
+            size.inc(len(obj.data))
+            return
+        finally:
+            self._puts.discard(put)
+        self._metrics.store_failures.labels(store=self.store.name, reason=error.reason).inc()
+        _log.error(
+            "could not store {key} ({events} events) in the {store} store: "
+            "{code}: {message}; saving it to the dead-letter directory",
+            key=obj.key, events=obj.event_count, store=self.store.name,
+            code=error.code, message=error.message,
+        )
+        yield self.spool.save(obj, error)
