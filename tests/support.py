@@ -1,0 +1,239 @@
+"""Test helpers: free ports, polling with a deadline on the reactor, and
+real subprocesses (a moto S3 server, `twistd -n estat-ingest`)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Optional
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Timeout(AssertionError):
+    pass
+
+
+@inlineCallbacks
+def poll_until(predicate: Callable[[], Any], timeout: float = 20.0,
+               interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Fire with the predicate's first truthy value, polling on the reactor
+    (never blocking it); fail with Timeout after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Timeout(f"timed out after {timeout}s waiting for {what}")
+        yield deferLater(global_reactor, interval, lambda: None)
+
+
+def http_status(url: str, timeout: float = 2.0) -> Optional[int]:
+    """The status code of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return None
+
+
+def read_objects(root: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Every `.jsonl.gz` object under `root` as (relative key, lines)."""
+    found = []
+    for directory, _, names in os.walk(root):
+        for name in sorted(names):
+            if name.endswith(".jsonl.gz"):
+                path = os.path.join(directory, name)
+                with gzip.open(path, "rb") as handle:
+                    lines = [json.loads(line) for line in handle.read().splitlines()]
+                found.append((os.path.relpath(path, root), lines))
+    return found
+
+
+class Subprocess:
+    """A child process whose output goes to a file kept for failure reports."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            self.process.send_signal(signum)
+
+    @inlineCallbacks
+    def wait_exit(self, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+        yield poll_until(lambda: not self.running(), timeout, what=f"{self.argv[0]} to exit")
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+class MotoServer:
+    """A real moto S3 server on a free loopback port, as a subprocess."""
+
+    def __init__(self, workdir: str, port: Optional[int] = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[Subprocess] = None
+
+    @inlineCallbacks
+    def start(self):  # type: ignore[no-untyped-def]
+        env = dict(os.environ)
+        self.proc = Subprocess(
+            [os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            env, self.workdir, os.path.join(self.workdir, f"moto-{self.port}.log"))
+        yield poll_until(lambda: http_status(self.endpoint + "/moto-api/") is not None
+                         or not self.proc.running(), 30, what="moto to listen")
+        if not self.proc.running():
+            raise AssertionError("moto_server exited:\n" + self.proc.output())
+
+    @inlineCallbacks
+    def stop(self):  # type: ignore[no-untyped-def]
+        if self.proc is not None and self.proc.running():
+            self.proc.signal(signal.SIGTERM)
+            try:
+                yield self.proc.wait_exit(10)
+            except Timeout:
+                self.proc.kill()
+
+    def client(self) -> Any:
+        """A boto-style botocore S3 client for reading the bucket in tests."""
+        import botocore.session
+
+        session = botocore.session.get_session()
+        return session.create_client(
+            "s3", region_name="us-east-1", endpoint_url=self.endpoint,
+            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+class EstatServer:
+    """`twistd -n estat-ingest` from this source tree, as a subprocess on
+    free loopback ports, in its own working directory."""
+
+    def __init__(self, workdir: str, env: Optional[dict[str, str]] = None,
+                 args: Optional[list[str]] = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.extra_env = env or {}
+        self.args = args or []
+        self.proc: Optional[Subprocess] = None
+        self.starts = 0
+
+    def environment(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith(("AWS_", "S3_"))}
+        env["PYTHONPATH"] = REPO_ROOT
+        env.update({
+            "LISTEN": f"tcp:{self.port}:interface=127.0.0.1",
+            "ADMIN_LISTEN": f"tcp:{self.admin_port}:interface=127.0.0.1",
+            "OUTPUT_DIR": os.path.join(self.workdir, "objects"),
+            "DLQ_DIR": os.path.join(self.workdir, "dlq"),
+        })
+        env.update(self.extra_env)
+        return env
+
+    @inlineCallbacks
+    def start(self):  # type: ignore[no-untyped-def]
+        self.starts += 1
+        argv = [os.path.join(VENV_BIN, "twistd"), "--nodaemon", "--pidfile=",
+                "estat-ingest", *self.args]
+        self.proc = Subprocess(argv, self.environment(), self.workdir,
+                               os.path.join(self.workdir, f"twistd-{self.starts}.log"))
+        try:
+            yield poll_until(
+                lambda: not self.proc.running()
+                or http_status(self.admin_url + "/readyz") == 200,
+                30, what="estat-ingest to be ready")
+        except Timeout:
+            self.proc.kill()
+            raise AssertionError("estat-ingest never became ready:\n" + self.proc.output())
+        if not self.proc.running():
+            raise AssertionError("estat-ingest exited at start:\n" + self.proc.output())
+
+    @inlineCallbacks
+    def stop(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+        """SIGTERM and wait; -15 is twistd's clean stop (it re-raises)."""
+        assert self.proc is not None
+        self.proc.signal(signal.SIGTERM)
+        code = yield self.proc.wait_exit(timeout)
+        return code
+
+    def output(self) -> str:
+        return self.proc.output() if self.proc else ""
+
+    def metrics(self) -> dict[str, float]:
+        """The admin /metrics page as {sample name with labels: value}."""
+        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+
+def post(url: str, body: bytes, content_type: str = "application/json",
+         headers: Optional[dict[str, str]] = None) -> tuple[int, bytes]:
+    """A blocking POST for end-to-end tests: (status, body)."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": content_type, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read()
+
+
+def make_workdir(test: Any) -> str:
+    """A fresh directory, removed after the test."""
+    path = tempfile.mkdtemp(prefix="estat-test-")
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
