@@ -58,8 +58,9 @@ class IngestService(Service):
         self.batcher = Batcher(reactor, self.queue, self.uploader, self.metrics,
                                settings.batch_size, settings.batch_max_bytes,
                                settings.flush_interval)
-        self.ingest_site = IngestSite(self.state)
-        self.admin_site = AdminSite(self.state, MetricsResource(registry=self.registry))
+        self.ingest_site = IngestSite(self.state, reactor=reactor)
+        self.admin_site = AdminSite(self.state, MetricsResource(registry=self.registry),
+                                    reactor=reactor)
         self.ports: list[IListeningPort] = []
         self.admin_port: Optional[IListeningPort] = None
         self._stopping: Optional[Deferred] = None

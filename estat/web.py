@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from io import BytesIO
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredQueue, QueueOverflow
 from twisted.logger import Logger
@@ -120,6 +120,8 @@ class BoundedRequest(Request):
         and body were never processed, so Request.write cannot be used."""
         self._refused = True
         self.content = BytesIO()
+        # Twisted sends `100 Continue` right after gotLength; it must not.
+        self.requestHeaders.removeHeader(b"expect")
         body = error_body("too_large", max_bytes=self._limit)
         self.channel.transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
@@ -282,13 +284,15 @@ class IngestSite(Site):
     requestFactory = BoundedRequest
     displayTracebacks = False
 
-    def __init__(self, state: IngestState, idle_timeout: float = 60.0) -> None:
+    def __init__(self, state: IngestState, idle_timeout: float = 60.0,
+                 reactor: Optional[Any] = None) -> None:
         routes = {
             b"collect": CollectResource(state),
             b"healthz": HealthResource(),
             b"readyz": ReadyResource(state),
         }
-        super().__init__(Root(routes, NotFoundResource(state)), timeout=idle_timeout)
+        super().__init__(Root(routes, NotFoundResource(state)), timeout=idle_timeout,
+                         reactor=reactor)
         self.state = state
 
     def log(self, request: Request) -> None:
@@ -300,13 +304,14 @@ class AdminSite(Site):
 
     displayTracebacks = False
 
-    def __init__(self, state: IngestState, metrics_resource: Resource) -> None:
+    def __init__(self, state: IngestState, metrics_resource: Resource,
+                 reactor: Optional[Any] = None) -> None:
         routes = {
             b"metrics": metrics_resource,
             b"healthz": HealthResource(),
             b"readyz": ReadyResource(state),
         }
-        super().__init__(Root(routes, NotFoundResource()), timeout=60.0)
+        super().__init__(Root(routes, NotFoundResource()), timeout=60.0, reactor=reactor)
 
     def log(self, request: Request) -> None:
         """Scrapes are not worth a log line each."""

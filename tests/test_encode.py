@@ -1,0 +1,159 @@
+"""The encoder: JSON lines round trip, raw prefix, keys, ids, gzip checks."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial import unittest
+
+from estat.encode import (
+    Batch, body_error, encode_batch, encode_batch_safely, event_line, new_batch_id,
+    object_key, verify_gzip, gzip_bytes,
+)
+
+TS = 1700000000123  # 2023-11-14T22:13:20.123Z
+
+
+def batch(*bodies: bytes) -> Batch:
+    events = [(TS + i, body) for i, body in enumerate(bodies)]
+    return Batch(events, sum(len(b) for b in bodies), "01HF0000000000000000000000", "size")
+
+
+def lines_of(data: bytes) -> list[bytes]:
+    return gzip.decompress(data).split(b"\n")
+
+
+class EncodeTests(unittest.TestCase):
+    def test_round_trip_keeps_every_body_and_unicode(self):
+        bodies = [b'{"a":1}', '{"é":"日本","e":"\\u00e9\\"\\\\"}'.encode(), b'{"n":[1,{"x":null}]}']
+        [obj] = encode_batch(batch(*bodies), validated=True, prefix="raw",
+                             raw_prefix="raw_dlq", host_id="h1")
+        raw = gzip.decompress(obj.data)
+        self.assertTrue(raw.endswith(b"\n"))
+        lines = raw.split(b"\n")[:-1]
+        self.assertEqual(len(lines), 3)
+        for i, (line, body) in enumerate(zip(lines, bodies)):
+            self.assertEqual(line, b'{"ts":%d,"body":%s}' % (TS + i, body))
+            self.assertEqual(json.loads(line), {"ts": TS + i, "body": json.loads(body)})
+        self.assertEqual(obj.event_count, 3)
+        self.assertEqual(obj.uncompressed_bytes, len(raw))
+        self.assertEqual((obj.first_ts_ms, obj.last_ts_ms), (TS, TS + 2))
+        self.assertEqual(obj.key, "raw/dt=2023-11-14/hour=22/h1-01HF0000000000000000000000.jsonl.gz")
+
+    def test_line_breaks_between_tokens_become_spaces(self):
+        line = event_line(TS, b'{\r\n  "a": "x"\n}')
+        self.assertEqual(line.count(b"\n"), 1)
+        self.assertEqual(json.loads(line)["body"], {"a": "x"})
+
+    def test_invalid_bodies_go_to_a_raw_object_when_not_validated(self):
+        bodies = [b'{"ok":1}', b"not json", b"\xff\xfe", b"[1]", b'{"ok":2}']
+        good, raw = encode_batch(batch(*bodies), validated=False, prefix="raw",
+                                 raw_prefix="raw_dlq", host_id="h")
+        self.assertEqual([json.loads(l)["body"] for l in lines_of(good.data)[:-1]],
+                         [{"ok": 1}, {"ok": 2}])
+        self.assertTrue(raw.key.startswith("raw_dlq/dt=2023-11-14/hour=22/h-"))
+        self.assertEqual(raw.kind, "raw")
+        records = [json.loads(l) for l in lines_of(raw.data)[:-1]]
+        self.assertEqual([base64.b64decode(r["body_b64"]) for r in records],
+                         [b"not json", b"\xff\xfe", b"[1]"])
+        self.assertEqual([r["error"] for r in records],
+                         ["invalid_json", "invalid_utf8", "not_object"])
+        self.assertEqual([r["ts"] for r in records], [TS + 1, TS + 2, TS + 3])
+
+    def test_all_invalid_batch_writes_only_a_raw_object(self):
+        [raw] = encode_batch(batch(b"x"), validated=False, prefix="raw",
+                             raw_prefix="raw_dlq", host_id="h")
+        self.assertEqual(raw.kind, "raw")
+
+    def test_unexpected_encoder_failure_keeps_everything_raw(self):
+        class Weird(bytes):
+            def __contains__(self, item):
+                raise RuntimeError("boom")
+
+        [raw] = encode_batch_safely(batch(b'{"a":1}', Weird(b'{"b":2}')), validated=True,
+                                    prefix="raw", raw_prefix="raw_dlq", host_id="h")
+        records = [json.loads(l) for l in lines_of(raw.data)[:-1]]
+        self.assertEqual([base64.b64decode(r["body_b64"]) for r in records],
+                         [b'{"a":1}', b'{"b":2}'])
+        self.assertEqual({r["error"] for r in records}, {"encode_error"})
+
+    def test_body_error_follows_the_json_spec(self):
+        self.assertIsNone(body_error(b' {"a": [1, 2.5e3, true, null, "\\ud83d\\ude00"]} '))
+        for body, reason in [(b"", "invalid_json"), (b"{'a':1}", "invalid_json"),
+                             (b'{"a":NaN}', "invalid_json"), (b'{"a":-Infinity}', "invalid_json"),
+                             (b"\xc3\x28", "invalid_utf8"), (b"null", "not_object"),
+                             (b'{"a":1}x', "invalid_json")]:
+            self.assertEqual(body_error(body), reason, body)
+        self.assertEqual(body_error(b"[" * 100000 + b"]" * 100000), "too_deep")
+
+    def test_verify_gzip_detects_truncation_and_damage(self):
+        data = gzip_bytes(b"hello\n" * 1000)
+        verify_gzip(data, 6000)
+        with self.assertRaises(ValueError):
+            verify_gzip(data[:-4], 6000)
+        with self.assertRaises(ValueError):
+            verify_gzip(data[:-8], 6000)
+        damaged = data[:-8] + bytes([data[-8] ^ 1]) + data[-7:]
+        with self.assertRaises(ValueError):
+            verify_gzip(damaged, 6000)
+        with self.assertRaises(ValueError):
+            verify_gzip(data, 5999)
+        with self.assertRaises(ValueError):
+            verify_gzip(data + b"junk", 6000)
+
+    def test_batch_ids_sort_by_time_and_are_unique(self):
+        ids = [new_batch_id(TS + i) for i in range(50)]
+        self.assertEqual(ids, sorted(ids))
+        same_ms = [new_batch_id(TS) for _ in range(1000)]
+        self.assertEqual(len(set(same_ms + ids)), 1050)
+        self.assertTrue(all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids))
+
+    def test_key_uses_utc_partitions_of_the_first_event(self):
+        self.assertEqual(object_key("p/q", 0, "h", "ID"), "p/q/dt=1970-01-01/hour=00/h-ID.jsonl.gz")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20)
+
+
+class EncodeProperties(unittest.TestCase):
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+                    min_size=1, max_size=20), st.booleans(), st.booleans())
+    def test_any_json_objects_read_back_equal(self, values, ascii_only, pretty):
+        bodies = [json.dumps(v, ensure_ascii=ascii_only, indent=2 if pretty else None).encode()
+                  for v in values]
+        for body in bodies:
+            self.assertIsNone(body_error(body))
+        [obj] = encode_batch(batch(*bodies), validated=True, prefix="raw",
+                             raw_prefix="raw_dlq", host_id="h")
+        lines = lines_of(obj.data)
+        self.assertEqual(lines[-1], b"")
+        self.assertEqual([json.loads(l)["body"] for l in lines[:-1]], values)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.binary(max_size=40), min_size=1, max_size=20))
+    def test_arbitrary_bytes_never_make_an_invalid_line(self, bodies):
+        objects = encode_batch(batch(*bodies), validated=False, prefix="raw",
+                               raw_prefix="raw_dlq", host_id="h")
+        recovered = []
+        for obj in objects:
+            for line in lines_of(obj.data)[:-1]:
+                record = json.loads(line)
+                if obj.kind == "raw":
+                    recovered.append((record["ts"], base64.b64decode(record["body_b64"])))
+                else:
+                    self.assertIsInstance(record["body"], dict)
+                    recovered.append((record["ts"], None))
+        self.assertEqual(sorted(ts for ts, _ in recovered), [TS + i for i in range(len(bodies))])
+        for ts, body in recovered:
+            if body is not None:
+                self.assertEqual(body, bodies[ts - TS])

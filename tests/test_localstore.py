@@ -1,0 +1,74 @@
+"""The local store writes each object atomically under its key."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from estat import localstore
+from estat.encode import Batch, encode_batch
+from estat.localstore import LocalStore, write_atomically
+from estat.store import RetryableStoreError
+from tests.support import make_workdir
+
+
+class LocalStoreTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.root = make_workdir(self)
+        self.pool = ThreadPool(0, 1, name="test")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    def obj(self):
+        batch = Batch([(1700000000000, b'{"a":1}')], 7, "01ID", "size")
+        [obj] = encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
+                             host_id="h")
+        return obj
+
+    @inlineCallbacks
+    def test_put_writes_the_exact_bytes_under_the_key_and_no_temp_files(self):
+        store = LocalStore(self.root, reactor, self.pool)
+        obj = self.obj()
+        yield store.put(obj)
+        path = os.path.join(self.root, "raw", "dt=2023-11-14", "hour=22", "h-01ID.jsonl.gz")
+        with open(path, "rb") as handle:
+            self.assertEqual(handle.read(), obj.data)
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["h-01ID.jsonl.gz"])
+        yield store.put(obj)  # the same key again overwrites
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["h-01ID.jsonl.gz"])
+
+    @inlineCallbacks
+    def test_io_errors_are_retryable_store_errors(self):
+        blocker = os.path.join(self.root, "file")
+        open(blocker, "w").close()
+        store = LocalStore(blocker, reactor, self.pool)
+        error = yield self.assertFailure(store.put(self.obj()), RetryableStoreError)
+        self.assertEqual((error.reason, error.code), ("io_error", "ENOTDIR"))
+
+    def test_a_crash_before_the_rename_leaves_no_file_under_the_name(self):
+        path = os.path.join(self.root, "a", "obj.jsonl.gz")
+
+        def crash(src, dst):
+            raise KeyboardInterrupt("power cut")
+
+        self.patch(localstore.os, "replace", crash)
+        with self.assertRaises(KeyboardInterrupt):
+            write_atomically(path, b"data")
+        self.assertEqual(os.listdir(os.path.dirname(path)), [])
+
+    def test_temp_name_is_hidden_and_not_an_object_name(self):
+        seen = []
+        real_replace = os.replace
+
+        def spy(src, dst):
+            seen.append(os.path.basename(src))
+            real_replace(src, dst)
+
+        self.patch(localstore.os, "replace", spy)
+        write_atomically(os.path.join(self.root, "x.jsonl.gz"), b"data")
+        [name] = seen
+        self.assertTrue(name.startswith(".") and not name.endswith(".jsonl.gz"), name)

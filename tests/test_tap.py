@@ -1,0 +1,112 @@
+"""Options and settings: precedence, defaults, and one-sentence errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from estat.config import OPTIONS, Settings
+from estat.tap import Options
+from tests.support import REPO_ROOT, VENV_BIN, make_workdir
+
+
+class OptionsTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.workdir = make_workdir(self)
+        self.env = {"OUTPUT_DIR": os.path.join(self.workdir, "o"),
+                    "DLQ_DIR": os.path.join(self.workdir, "d")}
+
+    def parse(self, *argv: str, **env: str) -> Settings:
+        options = Options(environ={**self.env, **env})
+        options.parseOptions(list(argv))
+        assert options.settings is not None
+        return options.settings
+
+    def test_defaults_are_the_documented_ones(self):
+        settings = self.parse()
+        self.assertEqual(settings.listen, ("tcp:8080",))
+        self.assertEqual(settings.admin_listen, "tcp:9100:interface=127.0.0.1")
+        self.assertEqual((settings.max_body_size, settings.event_queue_size,
+                          settings.batch_size, settings.batch_max_bytes,
+                          settings.flush_interval, settings.upload_queue_size),
+                         (16384, 10000, 10000, 8 * 1024 * 1024, 5.0, 4))
+        self.assertTrue(settings.validate_json)
+        self.assertEqual((settings.prefix, settings.raw_prefix), ("raw", "raw_dlq"))
+
+    def test_option_beats_environment_beats_default(self):
+        self.assertEqual(self.parse(BATCH_SIZE="7").batch_size, 7)
+        self.assertEqual(self.parse("--batch-size", "9", BATCH_SIZE="7").batch_size, 9)
+        settings = self.parse(LISTEN="tcp:1,tcp:2", MAX_BODY_SIZE="64KiB",
+                              VALIDATE_JSON="false", FLUSH_INTERVAL="0.5")
+        self.assertEqual(settings.listen, ("tcp:1", "tcp:2"))
+        self.assertEqual(settings.max_body_size, 65536)
+        self.assertFalse(settings.validate_json)
+        self.assertEqual(settings.flush_interval, 0.5)
+        self.assertEqual(self.parse("--listen", "tcp:3", "--listen", "tcp:4",
+                                    LISTEN="tcp:1").listen, ("tcp:3", "tcp:4"))
+
+    def test_bad_values_are_one_clear_sentence(self):
+        cases = [
+            (["--batch-size", "0"], {}, "--batch-size='0' is not valid: must be greater than zero."),
+            ([], {"BATCH_SIZE": "ten"}, "BATCH_SIZE='ten' is not valid: expected a whole number."),
+            ([], {"MAX_BODY_SIZE": "12 parsecs"}, "MAX_BODY_SIZE='12 parsecs' is not valid"),
+            ([], {"VALIDATE_JSON": "maybe"}, "expected true or false"),
+            ([], {"FLUSH_INTERVAL": "-1"}, "greater than zero"),
+            ([], {"FLUSH_INTERVAL": "nan"}, "greater than zero"),
+            ([], {"PREFIX": "a b"}, "PREFIX='a b' is not valid"),
+            ([], {"PREFIX": "x", "RAW_PREFIX": "x"}, "PREFIX and RAW_PREFIX must differ"),
+            ([], {"LISTEN": "bogus:1"}, "LISTEN 'bogus:1' is not a Twisted endpoint"),
+            ([], {"ADMIN_LISTEN": "tcp:notaport"}, "ADMIN_LISTEN 'tcp:notaport'"),
+            ([], {"S3_ADDRESSING": "sideways"}, "expected one of auto, path, virtual"),
+        ]
+        for argv, env, message in cases:
+            with self.assertRaises(usage.UsageError, msg=(argv, env)) as caught:
+                self.parse(*argv, **env)
+            text = str(caught.exception)
+            self.assertIn(message, text)
+            self.assertEqual(text.count("\n"), 0, text)
+
+    def test_unwritable_output_directory_is_refused(self):
+        blocker = os.path.join(self.workdir, "file")
+        open(blocker, "w").close()
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(OUTPUT_DIR=os.path.join(blocker, "sub"))
+        self.assertRegex(str(caught.exception), r"^OUTPUT_DIR '.*' cannot be created: ")
+
+    def test_help_documents_every_option_with_its_variable(self):
+        text = " ".join(str(Options(environ={})).split())
+        for option in OPTIONS:
+            self.assertIn("--" + option.name, text)
+            self.assertIn("env " + option.env, text)
+
+    def test_env_file_documents_every_variable_with_its_default(self):
+        with open(os.path.join(REPO_ROOT, "etc", "estat-ingest.env")) as handle:
+            text = handle.read()
+        for option in OPTIONS:
+            self.assertIn(f"#{option.env}={option.default}\n", text)
+
+
+class TwistdTests(unittest.TestCase):
+    """The real `twistd` command, as an operator runs it."""
+
+    def run_twistd(self, *argv: str, env: dict[str, str] | None = None):
+        workdir = make_workdir(self)
+        environ = {**os.environ, "PYTHONPATH": REPO_ROOT, **(env or {})}
+        return subprocess.run([os.path.join(VENV_BIN, "twistd"), *argv], cwd=workdir,
+                              env=environ, capture_output=True, text=True, timeout=60)
+
+    def test_twistd_lists_the_plugin(self):
+        result = self.run_twistd("--help")
+        self.assertRegex(result.stdout, r"estat-ingest\s+HTTP event ingest")
+
+    def test_bad_setting_stops_twistd_with_one_sentence_and_no_traceback(self):
+        result = self.run_twistd("-n", "estat-ingest", "--batch-size", "-3")
+        self.assertNotEqual(result.returncode, 0)
+        output = result.stdout + result.stderr
+        self.assertIn("--batch-size='-3' is not valid: must be greater than zero.", output)
+        self.assertNotIn("Traceback", output)

@@ -1,0 +1,208 @@
+"""The /collect resource and its bounded request, driven with raw HTTP
+bytes over an in-memory transport (no sockets)."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from estat.metrics import Metrics
+from estat.web import IngestSite, IngestState
+
+
+class Exchange:
+    """One client connection to the site: send bytes, read the answers."""
+
+    def __init__(self, site: IngestSite) -> None:
+        self.transport = StringTransport()
+        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def send_and_read(self, data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        self.send(data)
+        return self.responses()
+
+    def responses(self) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        """Parse every complete response written so far."""
+        data = self.transport.value()
+        out = []
+        while data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            code = int(lines[0].split(b" ")[1])
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get(b"content-length", b"0"))
+            out.append((code, headers, rest[:length]))
+            data = rest[length:]
+        return out
+
+
+def post_bytes(body: bytes, content_type: bytes = b"application/json",
+               path: bytes = b"/collect", extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (path, content_type, len(body), extra, body))
+
+
+class CollectTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry, process=False)
+        self.queue: DeferredQueue = DeferredQueue(size=3)
+        self.state = IngestState(self.queue, self.metrics, max_body_size=64,
+                                 validate_json=True, now_ms=lambda: 1700000000123)
+        self.state.started = True
+        self.site = IngestSite(self.state, reactor=Clock())
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def exchange(self, *requests: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+        client = Exchange(self.site)
+        for request in requests:
+            client.send(request)
+        return client.responses()
+
+    def test_accepts_a_json_object_and_queues_the_exact_bytes(self):
+        body = b'{"event" : "x", "s":"\\u00e9\xc3\xa9\\n"}'
+        [(code, headers, answer)] = self.exchange(post_bytes(body))
+        self.assertEqual(code, 202)
+        self.assertEqual(json.loads(answer), {"status": "accepted"})
+        self.assertEqual(headers[b"content-type"], b"application/json")
+        self.assertEqual(self.queue.pending, [(1700000000123, body)])
+        self.assertEqual(self.metric("estat_events_accepted_total"), 1)
+        self.assertEqual(self.metric("estat_http_requests_total", code="202"), 1)
+
+    def test_keep_alive_connection_serves_several_requests(self):
+        answers = self.exchange(post_bytes(b'{"a":1}') + post_bytes(b'{"a":2}'))
+        self.assertEqual([a[0] for a in answers], [202, 202])
+        self.assertEqual([body for _, body in self.queue.pending], [b'{"a":1}', b'{"a":2}'])
+
+    def test_rejects_what_is_not_one_json_object(self):
+        for body in [b"", b"nope", b"[1,2]", b'"text"', b"3", b'{"a":NaN}',
+                     b'{"a":Infinity}', b'{"a":1} {"b":2}', b'{"a":"\xff"}',
+                     '{"a":1}'.encode("utf-16"), b'\xef\xbb\xbf{"a":1}', b'{"a":1']:
+            [(code, _, answer)] = self.exchange(post_bytes(body))
+            self.assertEqual((code, json.loads(answer)["error"]), (400, "invalid_json"), body)
+        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="invalid_json"), 12)
+
+    def test_body_at_the_limit_is_accepted(self):
+        body = b'{"p":"' + b"x" * (64 - 8) + b'"}'
+        self.assertEqual(len(body), 64)
+        [(code, _, _)] = self.exchange(post_bytes(body))
+        self.assertEqual(code, 202)
+
+    def test_declared_length_over_the_limit_is_refused_before_the_body(self):
+        client = Exchange(self.site)
+        client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
+        [(code, headers, answer)] = client.responses()
+        self.assertEqual(code, 413)
+        self.assertEqual(json.loads(answer), {"error": "too_large", "max_bytes": 64})
+        self.assertNotIn(b"100 Continue", client.transport.value())
+        self.assertTrue(client.transport.disconnecting)
+        client.send(b"x" * 1000)  # whatever still arrives is ignored
+        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="too_large"), 1)
+        self.assertEqual(self.metric("estat_http_requests_total", code="413"), 1)
+
+    def test_over_limit_body_in_the_same_packet_is_not_processed(self):
+        [(code, _, _)] = self.exchange(post_bytes(b'{"p":"' + b"x" * 100 + b'"}'))
+        self.assertEqual(code, 413)
+        self.assertEqual(self.queue.pending, [])
+
+    def test_chunked_body_growing_past_the_limit_is_cut_off(self):
+        client = Exchange(self.site)
+        client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
+        client.send(b"20\r\n" + b"{" + b" " * 31 + b"\r\n")
+        self.assertEqual(client.responses(), [])  # 32 bytes so far: still reading
+        client.send(b"40\r\n" + b" " * 64 + b"\r\n")
+        [(code, _, answer)] = client.responses()
+        self.assertEqual((code, json.loads(answer)["error"]), (413, "too_large"))
+        self.assertTrue(client.transport.disconnecting)
+        client.send(b"0\r\n\r\n")
+        self.assertEqual(self.queue.pending, [])
+
+    def test_chunked_body_within_the_limit_is_accepted(self):
+        [(code, _, _)] = self.exchange(
+            b"POST /collect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n")
+        self.assertEqual(code, 202)
+        self.assertEqual(self.queue.pending[0][1], b'{"a":1}')
+
+    def test_multipart_and_real_forms_are_unsupported_but_curl_json_is_accepted(self):
+        multipart = (b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--b--\r\n")
+        answers = self.exchange(
+            post_bytes(multipart, b"multipart/form-data; boundary=b"),
+            post_bytes(b"a=1&b=2", b"application/x-www-form-urlencoded"),
+            post_bytes(b'{"event":"x"}', b"application/x-www-form-urlencoded"))
+        self.assertEqual([a[0] for a in answers], [415, 415, 202])
+        self.assertEqual(json.loads(answers[0][2])["error"], "unsupported_media_type")
+        self.assertEqual(self.queue.pending[0][1], b'{"event":"x"}')
+        self.assertEqual(
+            self.metric("estat_events_rejected_total", reason="unsupported_media_type"), 2)
+
+    def test_other_methods_and_paths(self):
+        answers = self.exchange(
+            b"GET /collect HTTP/1.1\r\nHost: x\r\n\r\n",
+            post_bytes(b'{"a":1}', path=b"/collect/more"),
+            post_bytes(b'{"a":1}', path=b"/"),
+            b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual([a[0] for a in answers], [405, 404, 404, 404])
+        self.assertEqual(answers[0][1][b"allow"], b"POST")
+        self.assertEqual(json.loads(answers[1][2]), {"error": "not_found"})
+        self.assertEqual(self.queue.pending, [])
+
+    def test_full_queue_answers_503_with_retry_after_at_once(self):
+        answers = self.exchange(*[post_bytes(b'{"n":%d}' % i) for i in range(5)])
+        self.assertEqual([a[0] for a in answers], [202, 202, 202, 503, 503])
+        self.assertEqual(answers[3][1][b"retry-after"], b"1")
+        self.assertEqual(json.loads(answers[3][2]), {"error": "queue_full"})
+        self.assertEqual(len(self.queue.pending), 3)
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 2)
+
+    def test_draining_server_answers_503_shutting_down(self):
+        self.state.draining = True
+        [(code, headers, answer)] = self.exchange(post_bytes(b'{"a":1}'))
+        self.assertEqual((code, json.loads(answer)["error"]), (503, "shutting_down"))
+        self.assertIn(b"retry-after", headers)
+        self.assertEqual(self.queue.pending, [])
+
+    def test_unexpected_error_is_a_json_500_without_traceback(self):
+        def broken(item):
+            raise RuntimeError("secret internals")
+
+        self.queue.put = broken  # type: ignore[method-assign]
+        [(code, _, answer)] = self.exchange(post_bytes(b'{"a":1}'))
+        self.assertEqual((code, json.loads(answer)), (500, {"error": "internal_error"}))
+        self.assertNotIn(b"secret", answer)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_health_and_readiness(self):
+        get = b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n"
+        answers = self.exchange(get % b"healthz", get % b"readyz")
+        self.assertEqual([a[0] for a in answers], [200, 200])
+        for _ in range(3):
+            self.queue.put((1, b"{}"))
+        self.assertEqual(self.exchange(get % b"readyz")[0][0], 503)
+        self.queue.pending.clear()
+        self.state.draining = True
+        [(code, _, answer)] = self.exchange(get % b"readyz")
+        self.assertEqual((code, json.loads(answer)["status"]), (503, "draining"))
+        self.state.started = False
+        self.state.draining = False
+        self.assertEqual(json.loads(self.exchange(get % b"readyz")[0][2])["status"], "starting")
