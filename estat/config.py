@@ -147,6 +147,11 @@ OPTIONS: tuple[Option, ...] = (
            "Twisted endpoint for /metrics, /healthz and /readyz"),
     Option("max-body-size", "MAX_BODY_SIZE", parse_positive_size, "16384",
            "largest accepted request body in bytes (413 above)"),
+    Option("max-batch-body-size", "MAX_BATCH_BODY_SIZE", parse_positive_size, "1MiB",
+           "largest accepted application/x-ndjson body in bytes, after "
+           "decompression (413 above)"),
+    Option("max-batch-events", "MAX_BATCH_EVENTS", parse_positive_int, "1000",
+           "most events in one application/x-ndjson body (413 above)"),
     Option("validate-json", "VALIDATE_JSON", parse_bool, "true",
            "reject bodies that are not one JSON object with 400"),
     Option("event-queue-size", "EVENT_QUEUE_SIZE", parse_positive_int,
@@ -208,6 +213,8 @@ class Settings:
     listen: tuple[str, ...] = ("tcp:8080",)
     admin_listen: str = "tcp:9100:interface=127.0.0.1"
     max_body_size: int = 16384
+    max_batch_body_size: int = 1024 * 1024
+    max_batch_events: int = 1000
     validate_json: bool = True
     event_queue_size: int = 10000
     batch_size: int = 10000

@@ -21,6 +21,7 @@ REJECT_REASONS = (
     "shutting_down",
     "method_not_allowed",
     "not_found",
+    "invalid_encoding",
 )
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (

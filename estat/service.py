@@ -47,7 +47,9 @@ class IngestService(Service):
                                name="estat-encode")
         self.queue: DeferredQueue = DeferredQueue(size=settings.event_queue_size)
         self.state = IngestState(self.queue, self.metrics, settings.max_body_size,
-                                 settings.validate_json)
+                                 settings.validate_json,
+                                 max_batch_body_size=settings.max_batch_body_size,
+                                 max_batch_events=settings.max_batch_events)
         self.metrics.ready.set_function(lambda: 1 if self.state.ready() else 0)
         self.store = self._make_store()
         self.dlq = DeadLetterQueue(

@@ -1,46 +1,28 @@
-"""The ingest listener: `POST /collect`, health endpoints, and a request
-class that enforces the body limit while the body arrives.
-
-Twisted's own Request has no body limit (it spools large bodies to temporary
-files) and parses form bodies; `BoundedRequest` refuses a too-large body
-before reading it and never parses forms.
-"""
+"""The ingest listener: `POST /collect` (one JSON event, or NDJSON with one
+event per line), the health endpoints, and the sites that serve them."""
 
 from __future__ import annotations
 
-import json
 import time
-from io import BytesIO
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredQueue, QueueOverflow
-from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from estat.encode import body_error
-from estat.metrics import Metrics
-
-_log = Logger()
+from estat.metrics import REJECT_REASONS, Metrics
+from estat.request import BoundedRequest, error_body
 
 RETRY_AFTER_SECONDS = b"1"
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
 _MULTIPART = b"multipart/"
-
-_STATUS_TEXT = {413: b"Request Entity Too Large"}
-
-
-def error_body(error: str, **details: object) -> bytes:
-    """The short JSON body of every error answer."""
-    return json.dumps({"error": error, **details}, separators=(",", ":")).encode() + b"\n"
-
-
 ACCEPTED_BODY = b'{"status":"accepted"}\n'
 
 
 class IngestState:
     """What the request path needs to know about the server: the event
-    queue, whether it is draining, and the settings it enforces."""
+    queue, whether it is draining, and the limits it enforces."""
 
     def __init__(
         self,
@@ -49,22 +31,21 @@ class IngestState:
         max_body_size: int,
         validate_json: bool,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        max_batch_body_size: int = 1024 * 1024,
+        max_batch_events: int = 1000,
     ) -> None:
         self.queue = queue
         self.metrics = metrics
         self.max_body_size = max_body_size
+        self.max_batch_body_size = max_batch_body_size
+        self.max_batch_events = max_batch_events
         self.validate_json = validate_json
         self.now_ms = now_ms
         self.started = False
         self.draining = False
-        self._codes: dict[int, object] = {}
-        self._rejected = {
-            reason: metrics.events_rejected.labels(reason=reason)
-            for reason in (
-                "too_large", "invalid_json", "queue_full", "unsupported_media_type",
-                "shutting_down", "method_not_allowed", "not_found",
-            )
-        }
+        self._codes: dict[int, Any] = {}
+        self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
+                          for reason in REJECT_REASONS}
 
     def ready(self) -> bool:
         return (
@@ -77,78 +58,10 @@ class IngestState:
         child = self._codes.get(code)
         if child is None:
             child = self._codes[code] = self.metrics.http_requests.labels(code=str(code))
-        child.inc()  # type: ignore[attr-defined]
+        child.inc()
 
-    def count_rejected(self, reason: str) -> None:
-        self._rejected[reason].inc()
-
-
-class BoundedRequest(Request):
-    """A Request that keeps at most the body limit in memory: a declared
-    Content-Length over the limit is answered 413 before the body is read
-    (and before `100 Continue`); a chunked body growing past it is cut off
-    with 413 and the connection closed."""
-
-    _parsePOSTFormSubmission = False
-    _refused = False
-    _received = 0
-    _limit = 0
-
-    def gotLength(self, length: Optional[int]) -> None:
-        state: IngestState = self.channel.site.state
-        self._limit = state.max_body_size
-        self.content = BytesIO()
-        if length is not None and length > self._limit:
-            self._refuse_too_large(state)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self._limit:
-            self._refuse_too_large(self.channel.site.state)
-            return
-        self.content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            return
-        super().requestReceived(command, path, version)
-
-    def _refuse_too_large(self, state: IngestState) -> None:
-        """Answer 413 straight on the transport and close: the request line
-        and body were never processed, so Request.write cannot be used."""
-        self._refused = True
-        self.content = BytesIO()
-        # Twisted sends `100 Continue` right after gotLength; it must not.
-        self.requestHeaders.removeHeader(b"expect")
-        body = error_body("too_large", max_bytes=self._limit)
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        state.count_response(413)
-        state.count_rejected("too_large")
-        self.channel.loseConnection()
-
-    def finish(self) -> None:
-        if not self.finished and not self._disconnected:
-            self.channel.site.state.count_response(self.code)
-        super().finish()
-
-    def processingFailed(self, reason):  # type: ignore[no-untyped-def]
-        """Log the failure and answer a JSON 500; never show a traceback."""
-        _log.failure("unexpected error handling {method} {path}", failure=reason,
-                     method=self.method, path=self.path)
-        body = error_body("internal_error")
-        self.setResponseCode(500)
-        self.setHeader(b"content-type", b"application/json")
-        self.setHeader(b"content-length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
-        return reason
+    def count_rejected(self, reason: str, amount: int = 1) -> None:
+        self._rejected[reason].inc(amount)
 
 
 def _answer(request: Request, code: int, body: bytes) -> bytes:
@@ -158,12 +71,14 @@ def _answer(request: Request, code: int, body: bytes) -> bytes:
 
 
 class CollectResource(Resource):
-    """`POST /collect`: validate one event body and queue it without
-    waiting; 503 at once when the queue is full or the server is stopping.
+    """`POST /collect`: validate and queue without waiting; 503 at once when
+    the queue is full or the server is stopping.
 
-    Multipart bodies are refused (415). A body labelled as a URL-encoded form
-    is taken as JSON when it is JSON (curl's `--data` sends that label) and
-    refused with 415 otherwise; Twisted never parses either."""
+    An `application/x-ndjson` body is a batch, one event per line, accepted
+    or refused as a whole (so a client's retry never duplicates). Multipart
+    bodies are refused (415). A body labelled as a URL-encoded form is taken
+    as JSON when it is JSON (curl's `--data` sends that label) and refused
+    with 415 otherwise; Twisted never parses either."""
 
     isLeaf = True
 
@@ -172,26 +87,27 @@ class CollectResource(Resource):
         self.state = state
         self._accepted = state.metrics.events_accepted
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: BoundedRequest) -> bytes:  # type: ignore[override]
         state = self.state
         if request.method != b"POST":
             state.count_rejected("method_not_allowed")
             request.setHeader(b"allow", b"POST")
             return _answer(request, 405, error_body("method_not_allowed", allow="POST"))
-        ctype = request.requestHeaders.getRawHeaders(b"content-type")
-        media_type = ctype[0].split(b";", 1)[0].strip().lower() if ctype else b""
-        if media_type.startswith(_MULTIPART):
+        problem = request.body_problem
+        media_type = request.media_type
+        if problem == "unsupported_content_encoding" or media_type.startswith(_MULTIPART):
             return self._unsupported(request)
+        if problem == "invalid_gzip":
+            state.count_rejected("invalid_encoding")
+            return _answer(request, 400, error_body("invalid_gzip"))
         if state.draining:
-            state.count_rejected("shutting_down")
-            request.setHeader(b"retry-after", RETRY_AFTER_SECONDS)
-            return _answer(request, 503, error_body("shutting_down"))
-        body = request.content.getvalue()
+            return self._unavailable(request, "shutting_down")
+        if request.is_batch:
+            return self._collect_batch(request)
+        body = request.body
         if state.validate_json or media_type == _FORM_URLENCODED:
             problem = body_error(body)
             if problem is not None and media_type == _FORM_URLENCODED:
-                # `curl --data '{...}'` labels JSON as a form: accept that,
-                # but a real form body is the wrong media type.
                 return self._unsupported(request)
             if problem is not None and state.validate_json:
                 state.count_rejected("invalid_json")
@@ -199,16 +115,51 @@ class CollectResource(Resource):
         try:
             state.queue.put((state.now_ms(), body))
         except QueueOverflow:
-            state.count_rejected("queue_full")
-            request.setHeader(b"retry-after", RETRY_AFTER_SECONDS)
-            return _answer(request, 503, error_body("queue_full"))
+            return self._unavailable(request, "queue_full")
         self._accepted.inc()
         return _answer(request, 202, ACCEPTED_BODY)
+
+    def _collect_batch(self, request: BoundedRequest) -> bytes:
+        state = self.state
+        events = []
+        for number, line in enumerate(request.body.split(b"\n"), 1):
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line.strip():
+                continue
+            if state.validate_json:
+                problem = body_error(line)
+                if problem is not None:
+                    state.count_rejected("invalid_json")
+                    return _answer(request, 400, error_body(
+                        "invalid_json", line=number, detail=problem))
+            events.append(line)
+        if not events:
+            state.count_rejected("invalid_json")
+            return _answer(request, 400, error_body("invalid_json", detail="no_events"))
+        if len(events) > state.max_batch_events:
+            state.count_rejected("too_large")
+            return _answer(request, 413, error_body(
+                "too_many_events", max_events=state.max_batch_events))
+        queue = state.queue
+        if len(queue.pending) + len(events) > (queue.size or 0):
+            return self._unavailable(request, "queue_full")
+        now = state.now_ms()
+        # Nothing ever waits on queue.get(): the batcher drains `pending`.
+        queue.pending.extend([(now, line) for line in events])
+        self._accepted.inc(len(events))
+        return _answer(request, 202, b'{"status":"accepted","events":%d}\n' % len(events))
 
     def _unsupported(self, request: Request) -> bytes:
         self.state.count_rejected("unsupported_media_type")
         return _answer(request, 415, error_body(
-            "unsupported_media_type", expected="application/json"))
+            "unsupported_media_type", expected="application/json or application/x-ndjson, "
+            "optionally with Content-Encoding: gzip"))
+
+    def _unavailable(self, request: Request, reason: str) -> bytes:
+        self.state.count_rejected(reason)
+        request.setHeader(b"retry-after", RETRY_AFTER_SECONDS)
+        return _answer(request, 503, error_body(reason))
 
 
 class HealthResource(Resource):
@@ -272,9 +223,6 @@ class Root(Resource):
         if resource is None or request.postpath:
             return self.fallback
         return resource
-
-    def render(self, request: Request) -> bytes:
-        return self.fallback.render(request)
 
 
 class IngestSite(Site):

@@ -206,3 +206,112 @@ class CollectTests(unittest.TestCase):
         self.state.started = False
         self.state.draining = False
         self.assertEqual(json.loads(self.exchange(get % b"readyz")[0][2])["status"], "starting")
+
+
+def gzip_of(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+class BatchAndGzipTests(unittest.TestCase):
+    """NDJSON batches and gzip'd request bodies."""
+
+    def setUp(self) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry, process=False)
+        self.queue: DeferredQueue = DeferredQueue(size=10)
+        self.state = IngestState(self.queue, self.metrics, max_body_size=64,
+                                 validate_json=True, now_ms=lambda: 5,
+                                 max_batch_body_size=256, max_batch_events=4)
+        self.state.started = True
+        self.site = IngestSite(self.state, reactor=Clock())
+
+    def send(self, body: bytes, ctype: bytes = b"application/x-ndjson",
+             extra: bytes = b""):
+        [answer] = Exchange(self.site).send_and_read(post_bytes(body, ctype, extra=extra))
+        return answer[0], json.loads(answer[2])
+
+    def test_ndjson_batch_is_accepted_whole_line_by_line(self):
+        code, answer = self.send(b'{"a":1}\n{"a":2}\r\n\n{"a":3}\n')
+        self.assertEqual((code, answer), (202, {"status": "accepted", "events": 3}))
+        self.assertEqual(self.queue.pending, [(5, b'{"a":1}'), (5, b'{"a":2}'), (5, b'{"a":3}')])
+        self.assertEqual(self.registry.get_sample_value("estat_events_accepted_total"), 3)
+
+    def test_a_bad_line_refuses_the_whole_batch_and_names_the_line(self):
+        code, answer = self.send(b'{"a":1}\n{"a":2}\n[3]\n{"a":4}\n')
+        self.assertEqual((code, answer),
+                         (400, {"error": "invalid_json", "line": 3, "detail": "not_object"}))
+        self.assertEqual(self.queue.pending, [])
+
+    def test_empty_batch_is_refused(self):
+        code, answer = self.send(b"\n\n")
+        self.assertEqual((code, answer["detail"]), (400, "no_events"))
+
+    def test_too_many_events_or_bytes_is_413(self):
+        code, answer = self.send(b'{"a":1}\n' * 5)
+        self.assertEqual((code, answer), (413, {"error": "too_many_events", "max_events": 4}))
+        code, answer = self.send(b'{"a":"' + b"x" * 300 + b'"}\n')
+        self.assertEqual((code, answer["error"]), (413, "too_large"))
+        self.assertEqual(answer["max_bytes"], 256)
+        self.assertEqual(self.queue.pending, [])
+
+    def test_batch_that_does_not_fit_the_queue_is_refused_whole(self):
+        for i in range(8):
+            self.queue.put((1, b"{}"))
+        code, answer = self.send(b'{"a":1}\n{"a":2}\n{"a":3}\n')
+        self.assertEqual((code, answer["error"]), (503, "queue_full"))
+        self.assertEqual(len(self.queue.pending), 8)
+        code, _ = self.send(b'{"a":1}\n{"a":2}\n')
+        self.assertEqual(code, 202)
+        self.assertEqual(len(self.queue.pending), 10)
+
+    def test_gzip_single_and_batch_bodies(self):
+        code, _ = self.send(gzip_of(b'{"single":true}'), b"application/json",
+                            b"Content-Encoding: gzip\r\n")
+        self.assertEqual(code, 202)
+        code, answer = self.send(gzip_of(b'{"a":1}\n{"a":2}\n'), extra=b"Content-Encoding: gzip\r\n")
+        self.assertEqual((code, answer["events"]), (202, 2))
+        self.assertEqual([b for _, b in self.queue.pending],
+                         [b'{"single":true}', b'{"a":1}', b'{"a":2}'])
+
+    def test_concatenated_gzip_members_are_one_body(self):
+        code, answer = self.send(gzip_of(b'{"a":1}\n') + gzip_of(b'{"a":2}\n'),
+                                 extra=b"Content-Encoding: gzip\r\n")
+        self.assertEqual((code, answer["events"]), (202, 2))
+
+    def test_gzip_bomb_is_cut_off_at_the_limit(self):
+        self.state.max_batch_body_size = 65536
+        bomb = gzip_of(b"{" + b" " * 20_000_000 + b"}")
+        self.assertLess(len(bomb), 65536)  # small on the wire, 20 MB inflated
+        client = Exchange(self.site)
+        inflated = []
+        request_class = self.site.requestFactory
+        original = request_class._inflate
+
+        def spy(request, data):
+            out = original(request, data)
+            inflated.append(len(out))
+            return out
+
+        self.patch(request_class, "_inflate", spy)
+        client.send(post_bytes(bomb, b"application/x-ndjson", extra=b"Content-Encoding: gzip\r\n"))
+        [(code, _, answer)] = client.responses()
+        self.assertEqual((code, json.loads(answer)["error"]), (413, "too_large"))
+        self.assertLessEqual(sum(inflated), 65537)
+        self.assertEqual(self.queue.pending, [])
+
+    def test_bad_or_truncated_gzip_is_400_and_unknown_encoding_415(self):
+        code, answer = self.send(b"not gzip at all", extra=b"Content-Encoding: gzip\r\n")
+        self.assertEqual((code, answer["error"]), (400, "invalid_gzip"))
+        code, answer = self.send(gzip_of(b'{"a":1}\n')[:-6], extra=b"Content-Encoding: gzip\r\n")
+        self.assertEqual((code, answer["error"]), (400, "invalid_gzip"))
+        code, answer = self.send(b'{"a":1}\n', extra=b"Content-Encoding: br\r\n")
+        self.assertEqual((code, answer["error"]), (415, "unsupported_media_type"))
+        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(self.registry.get_sample_value(
+            "estat_events_rejected_total", {"reason": "invalid_encoding"}), 2)
+
+    def test_single_event_limit_still_applies_to_json(self):
+        code, answer = self.send(b'{"a":"' + b"x" * 100 + b'"}', b"application/json")
+        self.assertEqual((code, answer["max_bytes"]), (413, 64))
