@@ -1,37 +1,298 @@
-"""Dead-letter queue (interim: the spool on disk is being built in its own
-issue). Until then an object that cannot be stored is counted and logged
-as dropped, so the loss is visible."""
+"""The dead-letter queue: objects the store could not take are spooled to
+DLQ_DIR (crash-safe, within a byte budget) and re-uploaded later, one entry
+per idle tick, oldest first, under the same key.
+
+Every file operation runs on the service's thread pool; the format lives
+in `estat.dlqdisk`. `save` never fails: what it cannot keep it counts and
+logs. A drain tick never raises: it logs and counts instead.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+import estat
+from estat import dlqdisk
 from estat.encode import EncodedObject
 from estat.metrics import Metrics
-from estat.store import Store, StoreError
+from estat.store import PermanentStoreError, RetryableStoreError, Store, StoreError
 
 _log = Logger()
 
+BACKOFF_CAP = 300.0
+_CANCELLED = object()  # a re-upload stopped at shutdown: not an attempt
+
 
 class DeadLetterQueue:
+    """The spool in `directory` and its drain loop (see the module doc)."""
+
     def __init__(self, directory: str, max_bytes: int, reactor: Any, pool: Any,
-                 metrics: Metrics, drain_interval: float = 1.0) -> None:
-        self.metrics = metrics
+                 metrics: Metrics, drain_interval: float = 1.0,
+                 backoff_cap: float = BACKOFF_CAP) -> None:
+        self.directory = os.path.abspath(directory)
+        self.max_bytes = max_bytes
+        self.drain_interval = drain_interval
+        self.backoff_cap = backoff_cap
+        self._reactor = reactor
+        self._pool = pool
+        self._metrics = metrics
+        self._entries: dict[str, tuple[int, int]] = {}  # name -> (bytes, created ms)
+        self._bytes = 0
+        self._reserved = 0  # bytes of saves under way, held against the budget
+        self._oldest_ms: Optional[int] = None
+        self._loop: Optional[LoopingCall] = None
+        self._loop_done: Optional[Deferred] = None
+        self._store: Optional[Store] = None
+        self._is_idle: Callable[[], bool] = lambda: False
+        self._put: Optional[Deferred] = None
+        self._stopping = False
+        self._not_before = 0.0
+        self._permanent_failures = 0
+        metrics.dlq_entries.set_function(lambda: len(self._entries))
+        metrics.dlq_bytes.set_function(lambda: self._bytes)
+        metrics.dlq_oldest_entry_age.set_function(self._oldest_age)
+
+    # -- bookkeeping -----------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self._reactor.seconds() * 1000)
+
+    def _oldest_age(self) -> float:
+        oldest = self._oldest_ms
+        if oldest is None:
+            return 0.0
+        return max(0.0, self._reactor.seconds() - oldest / 1000)
+
+    def _set_entries(self, entries: dict[str, tuple[int, int]]) -> None:
+        self._entries = entries
+        self._recount()
+
+    def _add(self, name: str, size: int, created_ms: int) -> None:
+        self._entries[name] = (size, created_ms)
+        self._recount()
+
+    def _forget(self, name: str) -> None:
+        if self._entries.pop(name, None) is not None:
+            self._recount()
+
+    def _recount(self) -> None:
+        values = list(self._entries.values())
+        self._bytes = sum(size for size, _ in values)
+        self._oldest_ms = min((created for _, created in values), default=None)
+
+    def entry_names(self) -> list[str]:
+        """Entries this server knows of, oldest first."""
+        return sorted(self._entries)
+
+    def _run(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def _log_quarantined(self, quarantined: list[tuple[str, str, str]]) -> None:
+        for name, reason, where in quarantined:
+            self._metrics.dlq_quarantined_entries.inc()
+            _log.error("dead-letter entry {entry} cannot be read ({reason}); moved to "
+                       "{where} for inspection, it will not be re-uploaded",
+                       entry=name, reason=reason, where=where)
+
+    # -- start-up ----------------------------------------------------------
 
     def open(self) -> "Deferred[None]":
-        return succeed(None)
+        """Create the directory, clean up after a crash, quarantine broken
+        entries and load the rest. Never fails: a directory that cannot be
+        read is logged, and saves will then count their drops."""
+        d = self._run(dlqdisk.open_directory, self.directory)
+        d.addCallbacks(self._opened, self._open_failed)
+        return d
+
+    def _opened(self, scan: dlqdisk.Scan) -> None:
+        if scan.removed:
+            _log.info("removed {count} leftovers of interrupted dead-letter writes in "
+                      "{directory}", count=len(scan.removed), directory=self.directory)
+        self._log_quarantined(scan.quarantined)
+        self._set_entries(scan.entries)
+        _log.info("dead-letter directory {directory}: {entries} entries, {bytes} bytes "
+                  "of {max_bytes}", directory=self.directory, entries=len(self._entries),
+                  bytes=self._bytes, max_bytes=self.max_bytes)
+
+    def _open_failed(self, failure: Failure) -> None:
+        _log.error("cannot open the dead-letter directory {directory}: {error}; failed "
+                   "uploads will be dropped until it is usable (check DLQ_DIR and its "
+                   "permissions)", directory=self.directory,
+                   error=failure.getErrorMessage())
+
+    # -- saving ----------------------------------------------------------
 
     def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
-        self.metrics.dlq_dropped_events.labels(reason="save_error").inc(obj.event_count)
-        _log.error("dropped {events} events of {key}: no dead-letter spool yet",
-                   events=obj.event_count, key=obj.key)
-        return succeed(None)
+        """Spool `obj`, or drop it (counted, logged) when over the budget or
+        when it cannot be written. The Deferred never fails."""
+        try:
+            created_ms = self._now_ms()
+            meta = dlqdisk.encode_meta(
+                dlqdisk.make_meta(obj, error, created_ms, estat.__version__))
+            name = dlqdisk.entry_name(created_ms, obj)
+            size = len(obj.data) + len(meta)
+        except Exception:
+            _log.failure("cannot describe {key} for the dead-letter directory", key=obj.key)
+            self._drop(obj, "save_error", "it could not be described")
+            return succeed(None)
+        if self._bytes + self._reserved + size > self.max_bytes:
+            self._drop(obj, "over_budget",
+                       f"DLQ_MAX_BYTES={self.max_bytes} would be exceeded "
+                       f"({self._bytes + self._reserved} bytes spooled, {size} more); "
+                       "restore the store or raise DLQ_MAX_BYTES")
+            return succeed(None)
+        self._reserved += size
+        d = self._run(dlqdisk.write_entry, self.directory, name, obj.data, meta)
+
+        def saved(_: object) -> None:
+            self._reserved -= size
+            self._add(name, size, created_ms)
+            self._metrics.dlq_events_enqueued.inc(obj.event_count)
+            _log.info("saved {key} ({events} events) to dead-letter entry {entry}",
+                      key=obj.key, events=obj.event_count, entry=name)
+
+        def failed(failure: Failure) -> None:
+            self._reserved -= size
+            self._drop(obj, "save_error",
+                       f"it could not be written to {self.directory}: "
+                       f"{failure.getErrorMessage()}; check free space and permissions")
+
+        d.addCallbacks(saved, failed)
+        return d
+
+    def _drop(self, obj: EncodedObject, reason: str, why: str) -> None:
+        self._metrics.dlq_dropped_events.labels(reason=reason).inc(obj.event_count)
+        _log.error("LOST {events} events of {key}: not dead-lettered because {why}",
+                   events=obj.event_count, key=obj.key, why=why, reason=reason)
+
+    # -- draining --------------------------------------------------------
 
     def start_draining(self, store: Store, is_idle: Callable[[], bool]) -> None:
-        pass
+        """Re-upload one entry per tick while `is_idle()`, oldest first."""
+        self._store = store
+        self._is_idle = is_idle
+        self._stopping = False
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._reactor
+        self._loop_done = self._loop.start(self.drain_interval, now=False)
+        self._loop_done.addErrback(self._loop_failed)
 
     def stop_draining(self) -> "Deferred[None]":
-        return succeed(None)
+        """Stop the loop; a re-upload in flight is cancelled (its entry stays
+        and is re-uploaded later, same key) and the tick is waited for."""
+        loop, done = self._loop, self._loop_done
+        self._loop = self._loop_done = None
+        if loop is None or done is None or not loop.running:
+            return succeed(None)
+        self._stopping = True
+        if self._put is not None:
+            self._put.cancel()
+        loop.stop()
+        done.addCallback(lambda _: None)
+        return done
+
+    def _loop_failed(self, failure: Failure) -> None:
+        self._metrics.loop_errors.labels(loop="dlq").inc()
+        _log.failure("the dead-letter drain loop stopped", failure=failure)
+
+    def _tick(self) -> Optional[Deferred]:
+        try:
+            if (self._stopping or not self._entries
+                    or self._reactor.seconds() < self._not_before or not self._is_idle()):
+                return None
+            d = self._drain_one()
+        except Exception:
+            self._tick_failed(Failure())
+            return None
+        d.addErrback(self._tick_failed)
+        return d
+
+    def _tick_failed(self, failure: Failure) -> None:
+        self._metrics.loop_errors.labels(loop="dlq").inc()
+        _log.failure("error in the dead-letter drain (directory {directory}); "
+                     "trying again next tick", failure=failure, directory=self.directory)
+
+    @inlineCallbacks
+    def _drain_one(self):  # type: ignore[no-untyped-def]
+        pick = yield self._run(dlqdisk.claim_oldest, self.directory, self.entry_names())
+        for name in pick.gone:
+            self._forget(name)
+        for name, _, _ in pick.quarantined:
+            self._forget(name)
+        self._log_quarantined(pick.quarantined)
+        entry = pick.entry
+        if entry is None:
+            return
+        if self._stopping or self._store is None:
+            yield self._run(dlqdisk.release, entry)
+            return
+        error = yield self._reupload(entry)
+        if error is None:
+            yield self._succeeded(entry)
+        elif error is _CANCELLED:
+            yield self._run(dlqdisk.release, entry)
+        else:
+            yield self._failed(entry, error)
+
+    @inlineCallbacks
+    def _reupload(self, entry: dlqdisk.Entry):  # type: ignore[no-untyped-def]
+        """Put the entry's object; fire with None, the StoreError, or
+        _CANCELLED."""
+        assert self._store is not None
+        self._put = self._store.put(entry.as_object())
+        try:
+            yield self._put
+        except CancelledError:
+            return _CANCELLED
+        except StoreError as error:
+            return error
+        except Exception as other:
+            return RetryableStoreError("io_error", type(other).__name__, str(other))
+        finally:
+            self._put = None
+        return None
+
+    @inlineCallbacks
+    def _succeeded(self, entry: dlqdisk.Entry):  # type: ignore[no-untyped-def]
+        self._permanent_failures = 0
+        self._not_before = 0.0
+        events = entry.meta["event_count"]
+        self._metrics.dlq_events_reuploaded.inc(events)
+        self._forget(entry.name)
+        _log.info("re-uploaded dead-letter entry {entry} ({events} events) as {key}",
+                  entry=entry.name, events=events, key=entry.meta["key"])
+        try:
+            yield self._run(dlqdisk.remove_entry, self.directory, entry)
+        except OSError as error:
+            # Stored, but still on disk: the next run uploads it again under
+            # the same key, which overwrites rather than duplicates.
+            _log.error("re-uploaded {entry} but could not delete it: {error}",
+                       entry=entry.name, error=str(error))
+
+    @inlineCallbacks
+    def _failed(self, entry: dlqdisk.Entry, error: StoreError):  # type: ignore[no-untyped-def]
+        if isinstance(error, PermanentStoreError):
+            self._permanent_failures += 1
+            delay = min(self.backoff_cap,
+                        self.drain_interval * 2 ** self._permanent_failures)
+            self._not_before = self._reactor.seconds() + delay
+        else:
+            self._permanent_failures = 0
+            self._not_before = 0.0
+            delay = self.drain_interval
+        meta = dlqdisk.record_failure(entry.meta, error, self._now_ms())
+        _log.warn("re-upload of dead-letter entry {entry} failed (attempt {attempts}): "
+                  "{code}: {message}; next try in {delay}s", entry=entry.name,
+                  attempts=meta["attempts"], code=error.code, message=error.message,
+                  reason=error.reason, delay=delay)
+        yield self._run(dlqdisk.update_meta, self.directory, entry, meta)
+        if entry.name in self._entries:
+            size = len(entry.data) + len(dlqdisk.encode_meta(meta))
+            self._add(entry.name, size, self._entries[entry.name][1])
