@@ -129,7 +129,9 @@ class BoundedRequest(Request):
 
     def finish(self) -> None:
         if not self.finished and not self._disconnected:
-            self.channel.site.state.count_response(self.code)
+            site = self.channel.site
+            site.state.count_response(self.code)
+            site.request_done(self.channel)
         super().finish()
 
     def processingFailed(self, reason):  # type: ignore[no-untyped-def]

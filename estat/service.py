@@ -38,8 +38,10 @@ class IngestService(Service):
     """
 
     def __init__(self, settings: Settings, reactor: Any,
-                 registry: Optional[CollectorRegistry] = None) -> None:
+                 registry: Optional[CollectorRegistry] = None,
+                 own_signals: bool = False) -> None:
         self.settings = settings
+        self.own_signals = own_signals
         self.reactor = reactor
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -126,27 +128,61 @@ class IngestService(Service):
 
     @inlineCallbacks
     def _stop(self):  # type: ignore[no-untyped-def]
-        """1. stop accepting (draining: /collect and /readyz answer 503, the
-        ports close); 2. flush the open batch and the event queue; 3. wait
-        for every upload, and at the deadline cancel what is left so it goes
-        to the dead-letter directory; 4. stop the dead-letter drain and the
-        thread pool."""
+        """The ordered stop, bounded by SHUTDOWN_TIMEOUT:
+        1. stop accepting: /readyz and /collect answer 503, the ports close;
+        2. idle keep-alive connections close, busy ones get their answer;
+        3. the open batch and the event queue are flushed into batches;
+        4. every upload finishes; at the deadline what is left is cancelled
+           and goes to the dead-letter directory instead (never dropped);
+        5. the dead-letter drain and the thread pool stop."""
         yield self._started
+        started_at = self.reactor.seconds()
+        timeout = self.settings.shutdown_timeout
+        deadline = self.reactor.callLater(timeout, self._deadline_passed)
+        if self.own_signals:
+            self._ignore_further_signals()
         self.state.draining = True
-        _log.info("stopping: no longer accepting events")
-        yield DeferredList([port.stopListening() for port in self.ports] or [])
+        _log.info("stopping: no longer accepting events (deadline {timeout}s)",
+                  timeout=timeout)
+        yield DeferredList([port.stopListening() for port in self.ports])
+        yield self.ingest_site.close_connections(grace=min(5.0, timeout / 3))
         yield self.batcher.stop()
+        queued, open_events = len(self.queue.pending), self.batcher.open_events()
         self.batcher.flush_all()
-        deadline = self.reactor.callLater(
-            self.settings.shutdown_timeout, self._deadline_passed)
+        _log.info("flushed {events} queued events; waiting for {batches} batches to upload",
+                  events=queued + open_events, batches=self.uploader.depth())
         yield self.dlq.stop_draining()
         yield self.uploader.when_idle()
         if deadline.active():
             deadline.cancel()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            yield close()
         if self.admin_port is not None:
             yield self.admin_port.stopListening()
         self.pool.stop()
-        _log.info("stopped: every accepted event is stored or dead-lettered")
+        _log.info("stopped in {seconds:.1f}s: every accepted event is stored or "
+                  "dead-lettered", seconds=self.reactor.seconds() - started_at)
+
+    def _ignore_further_signals(self) -> None:
+        """A second SIGTERM or SIGINT must not cut the stop short: log it
+        instead (Twisted's own handler would only complain)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def again(signum: int, frame: object) -> None:
+            _log.warn("already stopping: waiting for uploads to finish or be "
+                      "dead-lettered (at most SHUTDOWN_TIMEOUT={timeout}s)",
+                      timeout=self.settings.shutdown_timeout)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(signum, again)
+            except (ValueError, OSError):
+                pass
 
     def _deadline_passed(self) -> None:
         _log.warn("shutdown deadline of {seconds}s reached: cancelling uploads, "

@@ -91,4 +91,4 @@ def makeService(options: Options) -> IService:
 
     assert options.settings is not None
     reactor_: Any = reactor
-    return IngestService(options.settings, reactor_)
+    return IngestService(options.settings, reactor_, own_signals=True)

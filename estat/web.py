@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import DeferredQueue, QueueOverflow
+from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -159,6 +161,8 @@ class CollectResource(Resource):
     def _unavailable(self, request: Request, reason: str) -> bytes:
         self.state.count_rejected(reason)
         request.setHeader(b"retry-after", RETRY_AFTER_SECONDS)
+        if reason == "shutting_down":
+            request.setHeader(b"connection", b"close")
         return _answer(request, 503, error_body(reason))
 
 
@@ -225,12 +229,31 @@ class Root(Resource):
         return resource
 
 
+class TrackedChannel(HTTPChannel):
+    """An HTTP connection its site knows about, so a stop can close idle
+    keep-alive connections and wait for busy ones."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.channels.add(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.factory.channel_closed(self)
+
+    def idle(self) -> bool:
+        return not self.requests
+
+
 class IngestSite(Site):
     """The ingest listener's Site: bounded requests, no access log on the
-    reactor thread, idle connections closed after a minute."""
+    reactor thread, idle connections closed after a minute, and a
+    `close_connections` for an orderly stop."""
 
     requestFactory = BoundedRequest
+    protocol = TrackedChannel
     displayTracebacks = False
+    closing = False
 
     def __init__(self, state: IngestState, idle_timeout: float = 60.0,
                  reactor: Optional[Any] = None) -> None:
@@ -242,9 +265,44 @@ class IngestSite(Site):
         super().__init__(Root(routes, NotFoundResource(state)), timeout=idle_timeout,
                          reactor=reactor)
         self.state = state
+        self.channels: set[TrackedChannel] = set()
+        self._closed_waiters: list[Deferred] = []
 
     def log(self, request: Request) -> None:
         """No per-request access log: it would cost more than the request."""
+
+    def close_connections(self, grace: float) -> "Deferred[None]":
+        """Close idle connections now; let busy ones finish their request
+        (each closes after its answer) and abort what is left after
+        `grace` seconds. Fires when every connection is gone."""
+        self.closing = True
+        for channel in list(self.channels):
+            if channel.idle():
+                channel.loseConnection()
+        if not self.channels:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closed_waiters.append(waiter)
+        timer = self.reactor.callLater(grace, self._abort_all)
+        waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        return waiter
+
+    def _abort_all(self) -> None:
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+
+    def channel_closed(self, channel: TrackedChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels and self._closed_waiters:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def request_done(self, channel: HTTPChannel) -> None:
+        """While closing, a connection ends after its answer."""
+        if self.closing:
+            channel.persistent = False
 
 
 class AdminSite(Site):

@@ -1,0 +1,87 @@
+"""An orderly stop over real loopback TCP: idle keep-alive connections are
+closed at once, a request being received gets its answer, and a client that
+never finishes is cut off after the grace period."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from estat.metrics import Metrics
+from estat.web import IngestSite, IngestState
+from tests.support import poll_until
+
+
+class RawClient(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(None)
+
+
+class CloseConnectionsTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        metrics = Metrics(CollectorRegistry(), process=False)
+        self.queue: DeferredQueue = DeferredQueue(size=10)
+        self.state = IngestState(self.queue, metrics, 1024, True)
+        self.state.started = True
+        self.site = IngestSite(self.state, reactor=self.clock)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    @inlineCallbacks
+    def connect(self):  # type: ignore[no-untyped-def]
+        client = RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        yield connectProtocol(endpoint, client)
+        self.addCleanup(lambda: client.transport.abortConnection())
+        return client
+
+    @inlineCallbacks
+    def test_idle_closed_at_once_busy_answered_then_closed(self):
+        idle = yield self.connect()
+        idle.transport.write(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
+                             b"Content-Type: application/json\r\n\r\n{\"a\":1}")
+        yield poll_until(lambda: b"202 Accepted" in idle.data, 10, what="first answer")
+        busy = yield self.connect()
+        busy.transport.write(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
+                             b"Content-Type: application/json\r\n\r\n{\"a\"")
+        yield poll_until(lambda: len(self.site.channels) == 2
+                         and not all(c.idle() for c in self.site.channels), 10,
+                         what="the busy request to arrive")
+        self.state.draining = True
+        all_closed = self.site.close_connections(grace=5)
+        yield idle.closed
+        self.assertNoResult(all_closed)
+        busy.transport.write(b":2}")
+        yield busy.closed
+        yield all_closed
+        self.assertIn(b"503 Service Unavailable", busy.data)
+        self.assertIn(b"shutting_down", busy.data)
+        self.assertEqual([body for _, body in self.queue.pending], [b'{"a":1}'])
+
+    @inlineCallbacks
+    def test_a_client_that_never_finishes_is_aborted_after_the_grace(self):
+        slow = yield self.connect()
+        slow.transport.write(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{")
+        yield poll_until(lambda: self.site.channels and
+                         not all(c.idle() for c in self.site.channels), 10,
+                         what="the slow request to arrive")
+        all_closed = self.site.close_connections(grace=5)
+        self.clock.advance(4.9)
+        self.assertNoResult(all_closed)
+        self.clock.advance(0.2)
+        yield all_closed
+        yield slow.closed
+        self.assertEqual(self.queue.pending, [])
