@@ -326,17 +326,22 @@ def claim(root: str, name: str) -> Entry:
     return entry
 
 
-def remove_entry(root: str, entry: Entry) -> None:
-    """Delete a claimed entry: rename it to a temporary name first, so a
-    crash mid-delete never leaves a half entry, then release the lock."""
+def remove_locked(root: str, name: str, fd: Optional[int]) -> None:
+    """Delete an entry whose lock we hold: rename it to a temporary name
+    first, so a crash mid-delete never leaves a half entry; then unlock."""
     try:
-        doomed = os.path.join(root, f"{TMP_PREFIX}del-{entry.name}")
-        os.rename(os.path.join(root, entry.name), doomed)
+        doomed = os.path.join(root, f"{TMP_PREFIX}del-{name}")
+        os.rename(os.path.join(root, name), doomed)
         fsync_directory(root)
         shutil.rmtree(doomed, ignore_errors=True)
     finally:
-        unlock(entry.lock_fd)
-        entry.lock_fd = None
+        unlock(fd)
+
+
+def remove_entry(root: str, entry: Entry) -> None:
+    """Delete a claimed entry (see remove_locked)."""
+    fd, entry.lock_fd = entry.lock_fd, None
+    remove_locked(root, entry.name, fd)
 
 
 def update_meta(root: str, entry: Entry, meta: dict[str, Any]) -> None:
