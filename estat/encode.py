@@ -89,6 +89,10 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads(..., parse_constant=...) builds a decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def body_error(body: bytes) -> Optional[str]:
     """Why `body` cannot be stored as an event, or None when it is exactly
     one JSON object (strict UTF-8, no NaN or Infinity, as RFC 8259 says)."""
@@ -97,7 +101,7 @@ def body_error(body: bytes) -> Optional[str]:
     except UnicodeDecodeError:
         return "invalid_utf8"
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except ValueError:
         return "invalid_json"
     except RecursionError:

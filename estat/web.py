@@ -244,6 +244,15 @@ class TrackedChannel(HTTPChannel):
     def idle(self) -> bool:
         return not self.requests
 
+    _host = None
+
+    def getHost(self):  # type: ignore[no-untyped-def]
+        """Every Request asks for the local address: one getsockname()
+        per connection instead of one per request."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
 
 class IngestSite(Site):
     """The ingest listener's Site: bounded requests, no access log on the
