@@ -38,8 +38,13 @@ def replay_all(reactor: Any, settings: Settings, root: str, names: list[str],
     pool.start()
     try:
         store = make_store(settings, reactor, pool)
-        for name in names:
-            yield replay_one(store, root, name, report, explicit)
+        try:
+            for name in names:
+                yield replay_one(store, root, name, report, explicit)
+        finally:
+            close = getattr(store, "close", None)  # the S3 store's connections
+            if close is not None:
+                yield close()
     finally:
         pool.stop()
 
