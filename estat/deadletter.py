@@ -288,7 +288,12 @@ class DeadLetterQueue:
             self._not_before = 0.0
             delay = self.drain_interval
         meta = dlqdisk.record_failure(entry.meta, error, self._now_ms())
-        _log.warn("re-upload of dead-letter entry {entry} failed (attempt {attempts}): "
+        # During an outage the same entry fails every tick: log the 2nd, 4th,
+        # 8th... attempt and any change of error, not every second.
+        attempts = meta["attempts"]
+        previous = (entry.meta.get("last_error") or {}).get("code")
+        noteworthy = attempts & (attempts - 1) == 0 or previous != error.code
+        (_log.warn if noteworthy else _log.debug)("re-upload of dead-letter entry {entry} failed (attempt {attempts}): "
                   "{code}: {message}; next try in {delay}s", entry=entry.name,
                   attempts=meta["attempts"], code=error.code, message=error.message,
                   reason=error.reason, delay=delay)
