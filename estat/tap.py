@@ -44,7 +44,11 @@ def validate_environment(settings: Settings) -> None:
     for description in settings.listen:
         check_endpoint("LISTEN", description)
     check_endpoint("ADMIN_LISTEN", settings.admin_listen)
-    if not settings.s3_bucket:
+    if settings.s3_bucket:
+        from estat.s3 import check_s3_settings
+
+        check_s3_settings(settings)
+    else:
         check_directory("OUTPUT_DIR", settings.output_dir)
     check_directory("DLQ_DIR", settings.dlq_dir)
 
