@@ -200,6 +200,22 @@ OPTIONS: tuple[Option, ...] = (
            "disk budget of the dead-letter directory"),
     Option("dlq-drain-interval", "DLQ_DRAIN_INTERVAL", parse_positive_seconds,
            "1", "seconds between re-upload attempts of one dead-letter entry"),
+    Option("auth-tokens-file", "AUTH_TOKENS_FILE", parse_text, "",
+           "file of accepted write keys, one `key name [prefix-segment]` per "
+           "line, reloaded on SIGHUP; empty: anyone may write"),
+    Option("cors-allowed-origins", "CORS_ALLOWED_ORIGINS", parse_text, "",
+           "comma-separated origins browsers may post from, or *; empty: none"),
+    Option("request-timeout", "REQUEST_TIMEOUT", parse_positive_seconds, "10",
+           "seconds a client has to send a whole request once it starts "
+           "(408 after)"),
+    Option("idle-timeout", "IDLE_TIMEOUT", parse_positive_seconds, "60",
+           "seconds an idle keep-alive connection stays open"),
+    Option("max-connections", "MAX_CONNECTIONS", parse_positive_int, "1024",
+           "open ingest connections; further ones get 503 and are closed"),
+    Option("max-headers", "MAX_HEADERS", parse_positive_int, "64",
+           "most header lines in one request (431 above)"),
+    Option("max-header-bytes", "MAX_HEADER_BYTES", parse_positive_size, "16KiB",
+           "most bytes of request line and headers (431 above)"),
     Option("shutdown-timeout", "SHUTDOWN_TIMEOUT", parse_positive_seconds,
            "30", "seconds a stop may take before unfinished uploads go to "
            "the dead-letter directory"),
@@ -235,6 +251,13 @@ class Settings:
     dlq_dir: str = "./estat-data/dlq"
     dlq_max_bytes: int = 1024**3
     dlq_drain_interval: float = 1.0
+    auth_tokens_file: str = ""
+    cors_allowed_origins: str = ""
+    request_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 1024
+    max_headers: int = 64
+    max_header_bytes: int = 16 * 1024
     shutdown_timeout: float = 30.0
 
 

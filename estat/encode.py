@@ -22,7 +22,9 @@ from isal import isal_zlib
 GZIP_LEVEL = 1
 _GZIP_WBITS = 31  # gzip container, not raw deflate or zlib
 
-Event = tuple[int, bytes]  # (receive time in ms since the epoch, body)
+# (receive time in ms since the epoch, body) or, for a writer whose key has
+# a prefix segment, (time, body, segment).
+Event = tuple[int, bytes]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -178,33 +180,33 @@ def encode_batch(
     host_id: str,
     all_raw_reason: Optional[str] = None,
 ) -> list[EncodedObject]:
-    """Encode a batch into its event object and, when some bodies are not
-    valid JSON objects, a raw object. `validated` says every body was
-    already checked on arrival, so the check is skipped here;
-    `all_raw_reason` sends every event to the raw object."""
-    good_lines: list[bytes] = []
-    good_events: list[Event] = []
-    raw_lines: list[bytes] = []
-    raw_events: list[Event] = []
-    for ts_ms, body in batch.events:
+    """Encode a batch into one event object per writer prefix segment and,
+    when some bodies are not valid JSON objects, raw objects. `validated`
+    says every body was already checked on arrival, so the check is skipped
+    here; `all_raw_reason` sends every event to the raw objects."""
+    good: dict[str, tuple[list[bytes], list[Event]]] = {}
+    raw: dict[str, tuple[list[bytes], list[Event]]] = {}
+    for event in batch.events:
+        ts_ms, body = event[0], event[1]
+        segment = event[2] if len(event) > 2 else ""  # type: ignore[misc]
         if all_raw_reason is not None:
             error: Optional[str] = all_raw_reason
         else:
             error = None if validated else body_error(body)
         if error is None:
-            good_lines.append(event_line(ts_ms, body))
-            good_events.append((ts_ms, body))
+            lines, events = good.setdefault(segment, ([], []))
+            lines.append(event_line(ts_ms, body))
         else:
-            raw_lines.append(raw_line(ts_ms, body, error))
-            raw_events.append((ts_ms, body))
+            lines, events = raw.setdefault(segment, ([], []))
+            lines.append(raw_line(ts_ms, body, error))
+        events.append(event)
     objects = []
     first = batch.first_ts_ms
-    if good_events:
-        key = object_key(prefix, first, host_id, batch.batch_id)
-        objects.append(_encoded(good_lines, good_events, key, batch, "events"))
-    if raw_events:
-        key = object_key(raw_prefix, first, host_id, batch.batch_id)
-        objects.append(_encoded(raw_lines, raw_events, key, batch, "raw"))
+    for groups, base, kind in ((good, prefix, "events"), (raw, raw_prefix, "raw")):
+        for segment, (lines, events) in groups.items():
+            key_prefix = f"{base}/{segment}" if segment else base
+            key = object_key(key_prefix, first, host_id, batch.batch_id)
+            objects.append(_encoded(lines, events, key, batch, kind))
     return objects
 
 

@@ -22,6 +22,13 @@ REJECT_REASONS = (
     "method_not_allowed",
     "not_found",
     "invalid_encoding",
+    "auth_missing",
+    "auth_invalid",
+    "forbidden_origin",
+    "request_timeout",
+    "headers_too_large",
+    "bad_request",
+    "too_many_connections",
 )
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (
@@ -94,6 +101,8 @@ class Metrics:
         self.loop_errors = Counter(
             "estat_loop_errors", "Unexpected errors caught in a background loop, by loop",
             ["loop"], registry=r)
+        self.open_connections = Gauge(
+            "estat_open_connections", "Open connections on the ingest listener", registry=r)
         self.ready = Gauge(
             "estat_ready", "1 when /readyz answers 200", registry=r)
 

@@ -29,6 +29,14 @@ def error_body(error: str, **details: object) -> bytes:
     return json.dumps({"error": error, **details}, separators=(",", ":")).encode() + b"\n"
 
 
+def raw_error(code: int, phrase: bytes, error: str, **details: object) -> bytes:
+    """A complete error response that closes the connection, for answers
+    given before Twisted has parsed a request (Request.write needs one)."""
+    body = error_body(error, **details)
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (code, phrase, len(body), body))
+
+
 class BoundedRequest(Request):
     """See the module docstring. After the body arrives: `body` holds it
     (inflated), `media_type` the lowercased type without parameters,
@@ -116,13 +124,8 @@ class BoundedRequest(Request):
         self._chunks = []
         # Twisted sends `100 Continue` right after gotLength; it must not.
         self.requestHeaders.removeHeader(b"expect")
-        body = error_body("too_large", max_bytes=self._limit)
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        self.channel.transport.write(raw_error(
+            413, b"Request Entity Too Large", "too_large", max_bytes=self._limit))
         state.count_response(413)
         state.count_rejected("too_large")
         self.channel.loseConnection()

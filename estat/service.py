@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 import estat
+from estat.auth import TokensFileError, WriteKeys
 from estat.batcher import Batcher
 from estat.config import Settings
 from estat.deadletter import DeadLetterQueue
@@ -48,10 +49,14 @@ class IngestService(Service):
         self.pool = ThreadPool(minthreads=0, maxthreads=settings.encode_threads,
                                name="estat-encode")
         self.queue: DeferredQueue = DeferredQueue(size=settings.event_queue_size)
+        self.write_keys = (WriteKeys.from_file(settings.auth_tokens_file)
+                           if settings.auth_tokens_file else None)
         self.state = IngestState(self.queue, self.metrics, settings.max_body_size,
                                  settings.validate_json,
                                  max_batch_body_size=settings.max_batch_body_size,
-                                 max_batch_events=settings.max_batch_events)
+                                 max_batch_events=settings.max_batch_events,
+                                 write_keys=self.write_keys,
+                                 cors_origins=settings.cors_allowed_origins)
         self.metrics.ready.set_function(lambda: 1 if self.state.ready() else 0)
         self.store = self._make_store()
         self.dlq = DeadLetterQueue(
@@ -62,7 +67,11 @@ class IngestService(Service):
         self.batcher = Batcher(reactor, self.queue, self.uploader, self.metrics,
                                settings.batch_size, settings.batch_max_bytes,
                                settings.flush_interval)
-        self.ingest_site = IngestSite(self.state, reactor=reactor)
+        self.ingest_site = IngestSite(
+            self.state, idle_timeout=settings.idle_timeout, reactor=reactor,
+            request_timeout=settings.request_timeout,
+            max_connections=settings.max_connections, max_headers=settings.max_headers,
+            max_header_bytes=settings.max_header_bytes)
         self.admin_site = AdminSite(self.state, MetricsResource(registry=self.registry),
                                     reactor=reactor)
         self.ports: list[IListeningPort] = []
@@ -90,7 +99,31 @@ class IngestService(Service):
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        if self.write_keys is None:
+            _log.warn("no AUTH_TOKENS_FILE: anyone who can reach {listen} can write events",
+                      listen=", ".join(self.settings.listen))
+        elif self.own_signals:
+            self._reload_keys_on_sighup()
         self._started = self._start()
+
+    def _reload_keys_on_sighup(self) -> None:
+        import signal
+
+        def on_sighup(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self.reload_keys)
+
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    def reload_keys(self) -> None:
+        """Re-read AUTH_TOKENS_FILE; keep the old keys if it is broken."""
+        assert self.write_keys is not None
+        try:
+            count = self.write_keys.reload()
+        except TokensFileError as error:
+            _log.error("keeping the current write keys: {error}", error=str(error))
+            return
+        _log.info("reloaded {count} write keys from {path}", count=count,
+                  path=self.write_keys.path)
 
     @inlineCallbacks
     def _start(self):  # type: ignore[no-untyped-def]

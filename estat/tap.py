@@ -51,6 +51,13 @@ def validate_environment(settings: Settings) -> None:
     else:
         check_directory("OUTPUT_DIR", settings.output_dir)
     check_directory("DLQ_DIR", settings.dlq_dir)
+    if settings.auth_tokens_file:
+        from estat.auth import TokensFileError, read_tokens_file
+
+        try:
+            read_tokens_file(settings.auth_tokens_file)
+        except TokensFileError as error:
+            raise ConfigError(str(error)) from None
 
 
 class Options(usage.Options):

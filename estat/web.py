@@ -7,14 +7,16 @@ import time
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from estat.auth import WriteKeys
 from estat.encode import body_error
 from estat.metrics import REJECT_REASONS, Metrics
-from estat.request import BoundedRequest, error_body
+from estat.request import BoundedRequest, error_body, raw_error
 
 RETRY_AFTER_SECONDS = b"1"
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
@@ -35,6 +37,8 @@ class IngestState:
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         max_batch_body_size: int = 1024 * 1024,
         max_batch_events: int = 1000,
+        write_keys: Optional[WriteKeys] = None,
+        cors_origins: str = "",
     ) -> None:
         self.queue = queue
         self.metrics = metrics
@@ -42,6 +46,10 @@ class IngestState:
         self.max_batch_body_size = max_batch_body_size
         self.max_batch_events = max_batch_events
         self.validate_json = validate_json
+        self.write_keys = write_keys
+        origins = {o.strip().encode() for o in cors_origins.split(",") if o.strip()}
+        self.cors_any = b"*" in origins
+        self.cors_origins = frozenset(origins - {b"*"})
         self.now_ms = now_ms
         self.started = False
         self.draining = False
@@ -64,6 +72,14 @@ class IngestState:
 
     def count_rejected(self, reason: str, amount: int = 1) -> None:
         self._rejected[reason].inc(amount)
+
+    def allowed_origin(self, origin: Optional[bytes]) -> Optional[bytes]:
+        """The Access-Control-Allow-Origin value for `origin`, if allowed."""
+        if origin is None:
+            return None
+        if self.cors_any:
+            return b"*"
+        return origin if origin in self.cors_origins else None
 
 
 def _answer(request: Request, code: int, body: bytes) -> bytes:
@@ -91,10 +107,29 @@ class CollectResource(Resource):
 
     def render(self, request: BoundedRequest) -> bytes:  # type: ignore[override]
         state = self.state
-        if request.method != b"POST":
+        method = request.method
+        if method != b"POST":
+            if method == b"OPTIONS":
+                return self._preflight(request)
             state.count_rejected("method_not_allowed")
-            request.setHeader(b"allow", b"POST")
+            request.setHeader(b"allow", b"POST, OPTIONS")
             return _answer(request, 405, error_body("method_not_allowed", allow="POST"))
+        if state.cors_any or state.cors_origins:
+            allowed = state.allowed_origin(request.getHeader(b"origin"))
+            if allowed is not None:
+                request.setHeader(b"access-control-allow-origin", allowed)
+                request.setHeader(b"vary", b"Origin")
+        segment = ""
+        if state.write_keys is not None:
+            writer, reason = state.write_keys.writer_for(
+                request.getHeader(b"authorization"), request.getHeader(b"x-write-key"))
+            if writer is None:
+                state.count_rejected(reason)
+                request.setHeader(b"www-authenticate", b'Bearer realm="estat-ingest"')
+                return _answer(request, 401, error_body(
+                    "unauthorized", detail="missing_key" if reason == "auth_missing"
+                    else "invalid_key"))
+            segment = writer.segment
         problem = request.body_problem
         media_type = request.media_type
         if problem == "unsupported_content_encoding" or media_type.startswith(_MULTIPART):
@@ -105,7 +140,7 @@ class CollectResource(Resource):
         if state.draining:
             return self._unavailable(request, "shutting_down")
         if request.is_batch:
-            return self._collect_batch(request)
+            return self._collect_batch(request, segment)
         body = request.body
         if state.validate_json or media_type == _FORM_URLENCODED:
             problem = body_error(body)
@@ -115,13 +150,14 @@ class CollectResource(Resource):
                 state.count_rejected("invalid_json")
                 return _answer(request, 400, error_body("invalid_json", detail=problem))
         try:
-            state.queue.put((state.now_ms(), body))
+            state.queue.put((state.now_ms(), body, segment) if segment
+                            else (state.now_ms(), body))
         except QueueOverflow:
             return self._unavailable(request, "queue_full")
         self._accepted.inc()
         return _answer(request, 202, ACCEPTED_BODY)
 
-    def _collect_batch(self, request: BoundedRequest) -> bytes:
+    def _collect_batch(self, request: BoundedRequest, segment: str) -> bytes:
         state = self.state
         events = []
         for number, line in enumerate(request.body.split(b"\n"), 1):
@@ -148,9 +184,33 @@ class CollectResource(Resource):
             return self._unavailable(request, "queue_full")
         now = state.now_ms()
         # Nothing ever waits on queue.get(): the batcher drains `pending`.
-        queue.pending.extend([(now, line) for line in events])
+        if segment:
+            queue.pending.extend([(now, line, segment) for line in events])
+        else:
+            queue.pending.extend([(now, line) for line in events])
         self._accepted.inc(len(events))
         return _answer(request, 202, b'{"status":"accepted","events":%d}\n' % len(events))
+
+    def _preflight(self, request: Request) -> bytes:
+        """CORS preflight for browser SDKs: which origins may POST, with
+        which headers."""
+        origin = request.getHeader(b"origin")
+        request.setHeader(b"allow", b"POST, OPTIONS")
+        if origin is None:
+            request.setResponseCode(204)
+            return b""
+        allowed = self.state.allowed_origin(origin)
+        if allowed is None:
+            self.state.count_rejected("forbidden_origin")
+            return _answer(request, 403, error_body("forbidden_origin"))
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-origin", allowed)
+        request.setHeader(b"access-control-allow-methods", b"POST")
+        request.setHeader(b"access-control-allow-headers",
+                          b"Content-Type, Content-Encoding, Authorization, X-Write-Key")
+        request.setHeader(b"access-control-max-age", b"600")
+        request.setHeader(b"vary", b"Origin")
+        return b""
 
     def _unsupported(self, request: Request) -> bytes:
         self.state.count_rejected("unsupported_media_type")
@@ -230,16 +290,68 @@ class Root(Resource):
 
 
 class TrackedChannel(HTTPChannel):
-    """An HTTP connection its site knows about, so a stop can close idle
-    keep-alive connections and wait for busy ones."""
+    """An HTTP connection its site knows about (so a stop can close idle
+    keep-alive connections and wait for busy ones) and that defends itself:
+    a whole request must arrive within REQUEST_TIMEOUT of its first byte
+    (slow clients get 408), and header limits are answered with 431."""
+
+    _deadline: Any = None
 
     def connectionMade(self) -> None:
+        site = self.factory
+        self.maxHeaders = site.max_headers
+        self.totalHeadersSize = site.max_header_bytes
+        self.MAX_LENGTH = site.max_header_bytes
         super().connectionMade()
-        self.factory.channels.add(self)
+        site.channels.add(self)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._cancel_deadline()
         super().connectionLost(reason)
         self.factory.channel_closed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._handlingRequest:
+            self._deadline = self.callLater(self.factory.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(408, b"Request Timeout", "request_timeout",
+                     seconds=self.factory.request_timeout)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's answer to a malformed request or too many or too large
+        headers: give it a status and JSON body that say which."""
+        if (self._receivedHeaderSize > self.totalHeadersSize
+                or self._receivedHeaderCount > self.maxHeaders):
+            self._refuse(431, b"Request Header Fields Too Large", "headers_too_large",
+                         max_headers=self.maxHeaders, max_bytes=self.totalHeadersSize)
+        else:
+            self._refuse(400, b"Bad Request", "bad_request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(431, b"Request Header Fields Too Large", "headers_too_large",
+                     max_bytes=self.MAX_LENGTH)
+
+    def _refuse(self, code: int, phrase: bytes, error: str, **details: object) -> None:
+        if self.transport is None or self.transport.disconnecting:
+            return
+        state = self.factory.state
+        state.count_response(code)
+        state.count_rejected(error)
+        self.transport.write(raw_error(code, phrase, error, **details))
+        self.loseConnection()
 
     def idle(self) -> bool:
         return not self.requests
@@ -254,6 +366,14 @@ class TrackedChannel(HTTPChannel):
         return self._host
 
 
+class _TooManyConnections(Protocol):
+    """Answers a connection over MAX_CONNECTIONS with 503 and closes it."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(raw_error(503, b"Service Unavailable", "too_many_connections"))
+        self.transport.loseConnection()
+
+
 class IngestSite(Site):
     """The ingest listener's Site: bounded requests, no access log on the
     reactor thread, idle connections closed after a minute, and a
@@ -265,7 +385,13 @@ class IngestSite(Site):
     closing = False
 
     def __init__(self, state: IngestState, idle_timeout: float = 60.0,
-                 reactor: Optional[Any] = None) -> None:
+                 reactor: Optional[Any] = None, request_timeout: float = 10.0,
+                 max_connections: int = 1024, max_headers: int = 64,
+                 max_header_bytes: int = 16384) -> None:
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
         routes = {
             b"collect": CollectResource(state),
             b"healthz": HealthResource(),
@@ -276,6 +402,14 @@ class IngestSite(Site):
         self.state = state
         self.channels: set[TrackedChannel] = set()
         self._closed_waiters: list[Deferred] = []
+        state.metrics.open_connections.set_function(lambda: len(self.channels))
+
+    def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
+        if len(self.channels) >= self.max_connections:
+            self.state.count_rejected("too_many_connections")
+            self.state.count_response(503)
+            return _TooManyConnections()
+        return super().buildProtocol(addr)
 
     def log(self, request: Request) -> None:
         """No per-request access log: it would cost more than the request."""

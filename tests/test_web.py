@@ -163,7 +163,7 @@ class CollectTests(unittest.TestCase):
             post_bytes(b'{"a":1}', path=b"/"),
             b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual([a[0] for a in answers], [405, 404, 404, 404])
-        self.assertEqual(answers[0][1][b"allow"], b"POST")
+        self.assertEqual(answers[0][1][b"allow"], b"POST, OPTIONS")
         self.assertEqual(json.loads(answers[1][2]), {"error": "not_found"})
         self.assertEqual(self.queue.pending, [])
 

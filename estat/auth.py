@@ -1,0 +1,112 @@
+"""Write keys: which clients may post events, read from AUTH_TOKENS_FILE.
+
+One key per line: `<key> <name> [<prefix segment>]`; `#` starts a comment.
+The name labels the writer in logs; the optional segment (such as
+`source=web`) puts that writer's objects under `{PREFIX}/<segment>/dt=…`.
+Keys are looked up by their SHA-256 digest, so the time a lookup takes says
+nothing about the keys, and they are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._=-]+(/[A-Za-z0-9._=-]+)*")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class TokensFileError(ValueError):
+    """The tokens file cannot be used; the message names the line."""
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Who a key belongs to, and where their objects go."""
+
+    name: str
+    segment: str = ""
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+def parse_tokens(text: str, source: str = "AUTH_TOKENS_FILE") -> dict[bytes, Writer]:
+    """Parse a tokens file; raise TokensFileError naming the first bad line."""
+    writers: dict[bytes, Writer] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 3:
+            raise TokensFileError(f"{source} line {number} has more than key, name and segment.")
+        key = parts[0]
+        if len(key) < 16:
+            raise TokensFileError(f"{source} line {number}: a key must be at least 16 characters.")
+        name = parts[1] if len(parts) > 1 else f"key{number}"
+        if not _NAME.fullmatch(name):
+            raise TokensFileError(f"{source} line {number}: the name must be 1-64 letters, "
+                                  "digits, '.', '_' or '-'.")
+        segment = parts[2].strip("/") if len(parts) > 2 else ""
+        if segment and not _SEGMENT.fullmatch(segment):
+            raise TokensFileError(f"{source} line {number}: the prefix segment may hold only "
+                                  "letters, digits and . _ = - /.")
+        digest = _digest(key.encode())
+        if digest in writers:
+            raise TokensFileError(f"{source} line {number} repeats a key.")
+        writers[digest] = Writer(name, segment)
+    if not writers:
+        raise TokensFileError(f"{source} holds no keys.")
+    return writers
+
+
+def read_tokens_file(path: str) -> dict[bytes, Writer]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise TokensFileError(f"AUTH_TOKENS_FILE {path!r} cannot be read: "
+                              f"{error.strerror}.") from None
+    except UnicodeDecodeError:
+        raise TokensFileError(f"AUTH_TOKENS_FILE {path!r} is not UTF-8 text.") from None
+    return parse_tokens(text)
+
+
+class WriteKeys:
+    """The accepted keys; `reload` swaps them in at once (SIGHUP)."""
+
+    def __init__(self, path: str, writers: dict[bytes, Writer]) -> None:
+        self.path = path
+        self._writers = writers
+
+    @classmethod
+    def from_file(cls, path: str) -> "WriteKeys":
+        return cls(path, read_tokens_file(path))
+
+    def __len__(self) -> int:
+        return len(self._writers)
+
+    def reload(self) -> int:
+        """Read the file again; on error keep the old keys and raise."""
+        self._writers = read_tokens_file(self.path)
+        return len(self._writers)
+
+    def writer_for(self, authorization: Optional[bytes],
+                   write_key: Optional[bytes]) -> tuple[Optional[Writer], str]:
+        """(writer, "") when a key is valid, else (None, reason) with reason
+        `auth_missing` or `auth_invalid`."""
+        key = write_key
+        if key is None and authorization is not None:
+            scheme, _, value = authorization.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                key = value.strip()
+        if not key:
+            return None, "auth_missing"
+        writer = self._writers.get(_digest(key))
+        if writer is None:
+            return None, "auth_invalid"
+        return writer, ""

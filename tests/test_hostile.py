@@ -1,0 +1,176 @@
+"""Hostile and broken clients: slow senders, oversized headers, too many
+connections, malformed requests, and arbitrary bytes split anywhere."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings, strategies as st
+from prometheus_client import CollectorRegistry
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import DeferredQueue, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from estat.encode import Batch, encode_batch
+from estat.metrics import Metrics
+from estat.web import IngestSite, IngestState
+from tests.test_connections import RawClient
+from tests.test_web import Exchange, post_bytes
+from tests.support import poll_until
+
+
+def make_site(clock, **limits):
+    registry = CollectorRegistry()
+    queue: DeferredQueue = DeferredQueue(size=100)
+    state = IngestState(queue, Metrics(registry, process=False), 1024, True, now_ms=lambda: 1)
+    state.started = True
+    return IngestSite(state, reactor=clock, **limits), queue, registry
+
+
+class LimitTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.site, self.queue, self.registry = make_site(
+            self.clock, request_timeout=10, max_headers=5, max_header_bytes=512,
+            max_connections=3)
+
+    def rejected(self, reason):
+        return self.registry.get_sample_value("estat_events_rejected_total", {"reason": reason})
+
+    def test_a_request_must_arrive_within_the_timeout_even_when_trickled(self):
+        client = Exchange(self.site)
+        request = post_bytes(b'{"a":1}')
+        for i in range(9):
+            client.send(request[i:i + 1])
+            self.clock.advance(1)
+        self.assertEqual(client.responses(), [])
+        self.clock.advance(1.1)
+        [(code, _, body)] = client.responses()
+        self.assertEqual((code, json.loads(body)), (408, {"error": "request_timeout",
+                                                          "seconds": 10}))
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(self.rejected("request_timeout"), 1)
+
+    def test_idle_keep_alive_connection_is_not_a_slow_request(self):
+        client = Exchange(self.site)
+        client.send(post_bytes(b'{"a":1}'))
+        self.clock.advance(30)
+        self.assertEqual([r[0] for r in client.responses()], [202])
+        client.send(post_bytes(b'{"a":2}'))
+        self.assertEqual([r[0] for r in client.responses()], [202, 202])
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_too_many_or_too_large_headers_are_431(self):
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(6))
+        big = b"X-Big: " + b"v" * 600 + b"\r\n"
+        for extra in (many, big):
+            client = Exchange(self.site)
+            client.send(post_bytes(b'{"a":1}', extra=extra))
+            [(code, _, body)] = client.responses()
+            self.assertEqual((code, json.loads(body)["error"]), (431, "headers_too_large"))
+            self.assertTrue(client.transport.disconnecting)
+        client = Exchange(self.site)
+        client.send(b"POST /" + b"c" * 1000 + b" HTTP/1.1\r\n")
+        [(code, _, _)] = client.responses()
+        self.assertEqual(code, 431)
+        self.assertEqual(self.queue.pending, [])
+
+    def test_malformed_requests_get_a_json_400(self):
+        for raw in (b"POST /collect HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                    b"GARBAGE\r\n\r\n",
+                    b"POST /collect HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+            client = Exchange(self.site)
+            client.send(raw)
+            [(code, _, body)] = client.responses()
+            self.assertEqual((code, json.loads(body)), (400, {"error": "bad_request"}), raw)
+
+    def test_connections_over_the_limit_get_503_and_are_closed(self):
+        clients = [Exchange(self.site) for _ in range(3)]
+        from twisted.internet.testing import StringTransport
+
+        extra = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        extra.makeConnection(transport)
+        self.assertIn(b"503 Service Unavailable", transport.value())
+        self.assertIn(b"too_many_connections", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.rejected("too_many_connections"), 1)
+        for client in clients:
+            client.send(post_bytes(b'{"a":1}'))
+            self.assertEqual(client.responses()[0][0], 202)
+
+
+class SlowlorisTests(unittest.TestCase):
+    """Over real loopback TCP: slow connections do not stop a normal client."""
+
+    @inlineCallbacks
+    def test_normal_client_served_while_slow_clients_trickle(self):
+        site, queue, _ = make_site(reactor, request_timeout=10)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        slow = []
+        for _ in range(8):
+            client = RawClient()
+            yield connectProtocol(endpoint, client)
+            self.addCleanup(client.transport.abortConnection)
+            client.transport.write(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Le")
+            slow.append(client)
+        normal = RawClient()
+        yield connectProtocol(endpoint, normal)
+        self.addCleanup(normal.transport.abortConnection)
+        for i in range(20):
+            normal.transport.write(post_bytes(b'{"n":%d}' % i))
+        yield poll_until(lambda: normal.data.count(b"202 Accepted") == 20, 5,
+                         what="the normal client's 20 answers")
+        self.assertEqual(len(queue.pending), 20)
+        self.assertTrue(all(client.data == b"" for client in slow))
+
+
+class RequestPathProperties(unittest.TestCase):
+    """Arbitrary bodies, split at arbitrary points: never a 5xx, never an
+    exception, and every accepted body reads back byte-identical."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(body=st.one_of(st.binary(max_size=80),
+                          st.dictionaries(st.text(max_size=6), st.text(max_size=10), max_size=4)
+                          .map(lambda d: json.dumps(d, ensure_ascii=False).encode())),
+           ctype=st.sampled_from([b"application/json", b"application/x-ndjson", b"text/plain",
+                                  b"application/x-www-form-urlencoded"]),
+           chunked=st.booleans(), cuts=st.lists(st.integers(0, 400), max_size=6))
+    def test_any_body_any_split(self, body, ctype, chunked, cuts):
+        site, queue, _ = make_site(Clock())
+        if chunked:
+            raw = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                   % (ctype, len(body), body)) if body else post_bytes(body, ctype)
+        else:
+            raw = post_bytes(body, ctype)
+        client = Exchange(site)
+        last = 0
+        for cut in sorted(set(c for c in cuts if c < len(raw))):
+            client.send(raw[last:cut])
+            last = cut
+        client.send(raw[last:])
+        [(code, _, answer)] = client.responses()
+        self.assertIn(code, (202, 400, 413, 415), answer)
+        self.assertIn("status" if code == 202 else "error", json.loads(answer))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        if code == 202:
+            self.assertTrue(queue.pending)
+            events = list(queue.pending)
+            if ctype != b"application/x-ndjson":
+                self.assertEqual(events, [(1, body)])
+            [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+                                 raw_prefix="raw_dlq", host_id="h")
+            import gzip
+
+            lines = gzip.decompress(obj.data).splitlines()
+            self.assertEqual([json.loads(l)["body"] for l in lines],
+                             [json.loads(b) for _, b in events])
+        else:
+            self.assertEqual(queue.pending, [])
