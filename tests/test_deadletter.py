@@ -531,6 +531,20 @@ class Draining(unittest.TestCase):
         self.assertEqual(self.h.value("estat_loop_errors_total", loop="dlq"), 3)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
 
+    def test_raw_objects_are_spooled_and_reuploaded_like_any_batch(self) -> None:
+        batch = Batch([(1_700_000_000_000, b"not json")], 0, "RAWBATCH", "size")
+        [raw] = encode_batch(batch, validated=False, prefix="raw", raw_prefix="raw_dlq",
+                             host_id="test")
+        self.assertEqual(raw.kind, "raw")
+        self.h.clock.advance(-self.h.clock.seconds())  # older than the others
+        self.successResultOf(self.h.dlq.save(raw, RETRYABLE))
+        self.assertEqual(self.h.meta(self.h.entries()[0])["kind"], "raw")
+        self.h.drain()
+        self.h.clock.advance(1)
+        self.assertEqual(self.keys_put(), [raw.key])
+        self.assertTrue(raw.key.startswith("raw_dlq/"))
+        self.assertEqual(self.h.store.objects[raw.key], raw.data)
+
     def test_unexpected_store_exception_counts_as_a_failed_attempt(self) -> None:
         self.h.store.put = lambda obj: fail(ValueError("surprise"))  # type: ignore
         self.h.drain()
