@@ -1,0 +1,135 @@
+"""Child processes for the benchmark: each in its own process group, all
+registered so that `stop_all` ends every one of them (on error or Ctrl-C),
+plus the /proc readings the table reports (CPU seconds, peak RSS)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_STARTED: list["Child"] = []
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_status(url: str, timeout: float = 2.0, method: str = "GET",
+                body: Optional[bytes] = None,
+                headers: Optional[dict[str, str]] = None) -> Optional[int]:
+    """The status code of one request, or None when nothing answers."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return None
+
+
+class Child:
+    """A subprocess in its own session (so a terminal's Ctrl-C reaches only
+    the harness, which then stops it), logging to a file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: str,
+                 log_path: str) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.process.pid
+        _STARTED.append(self)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def output_tail(self, lines: int = 20) -> str:
+        """The last lines the process wrote, for error messages."""
+        self._log.flush()
+        with open(self.log_path, "rb") as handle:
+            text = handle.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def terminate(self, timeout: float) -> Optional[int]:
+        """SIGTERM the process and wait; SIGKILL its whole group if it does
+        not exit in time. Returns the exit status (None if it was killed)."""
+        if self.running():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+                return None
+        self._reap_group()
+        self._log.close()
+        if self in _STARTED:
+            _STARTED.remove(self)
+        return self.process.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL every process of the child's group and reap the child."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self._log.close()
+        if self in _STARTED:
+            _STARTED.remove(self)
+
+    def _reap_group(self) -> None:
+        """Leftover grandchildren (if any) go with the group."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_all(timeout: float = 5.0) -> None:
+    """Stop every child still running: SIGTERM, then SIGKILL of its group."""
+    for child in list(reversed(_STARTED)):
+        child.terminate(timeout)
+
+
+def wait_until(predicate, timeout: float, what: str, child: Optional[Child] = None,
+               interval: float = 0.05) -> None:  # type: ignore[no-untyped-def]
+    """Poll `predicate` until truthy; raise RuntimeError after `timeout`
+    seconds or as soon as `child` exits."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if child is not None and not child.running():
+            raise RuntimeError(f"{child.name} exited while waiting for {what}:\n"
+                               + child.output_tail())
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rpartition(")")[2].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM (peak resident set size) of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

@@ -1,0 +1,335 @@
+"""Benchmark harness for estat-ingest (issue 6, section 1).
+
+    .venv/bin/python bench/run.py            # every scenario, 10 s each
+    .venv/bin/python bench/run.py --quick    # 3 s each, a smoke run
+    .venv/bin/python bench/run.py --scenarios baseline,single-local -d 20
+
+Runs wrk on loopback against a bare twisted.web baseline and against
+`twistd -n estat-ingest` (local store and a moto S3 server), then prints one
+markdown table. Raw results and logs go under bench/results/ (gitignored).
+See bench/README.md for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import loadgen
+import procs
+from servers import Baseline, Estat
+from stores import Moto, count_files, count_local_events
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+SCENARIOS = ("baseline", "single-local", "batch-local", "single-s3", "batch-s3")
+OPTIONAL_SCENARIOS = ("baseline-stock",)  # run only when named
+BATCH_EVENTS = 100
+CLEAN_STOP_CODES = (-15, 143, 0)
+
+
+@dataclass
+class Row:
+    """One line of the table; `None` prints as a dash."""
+
+    scenario: str
+    store: str
+    rps: Optional[float] = None
+    ratio: Optional[float] = None
+    events_per_s: Optional[float] = None
+    non_2xx: str = ""
+    p50_ms: Optional[float] = None
+    p99_ms: Optional[float] = None
+    cpu_s: Optional[float] = None
+    peak_rss_mib: Optional[float] = None
+    accepted: Optional[int] = None
+    stored: Optional[int] = None
+    check: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    """What the command line asked for."""
+
+    duration: float
+    connections: int
+    threads: int
+    scenarios: list[str]
+    event_queue_size: int
+    results_dir: str
+
+
+# --- measuring one server ------------------------------------------------
+
+
+def measure(wrk: str, url: str, script: str, pid: int, opts: Options,
+            logdir: str) -> tuple[loadgen.WrkResult, float]:
+    """Run wrk against `url`; return its result and the server's CPU seconds."""
+    cpu_before = procs.cpu_seconds(pid)
+    result = loadgen.run_wrk(wrk, url, script, opts.duration, opts.connections,
+                             opts.threads, os.path.join(logdir, "wrk.log"))
+    time.sleep(0.3)  # let the server finish requests wrk abandoned at the end
+    return result, procs.cpu_seconds(pid) - cpu_before
+
+
+def fill_from_wrk(row: Row, result: loadgen.WrkResult, cpu_s: float) -> None:
+    """The columns wrk and /proc give for every scenario."""
+    row.rps = result.rps
+    row.p50_ms, row.p99_ms = result.p50_ms, result.p99_ms
+    row.cpu_s = cpu_s
+    bad = result.non_2xx()
+    row.non_2xx = ", ".join(f"{n}×{code}" for code, n in bad.items()) or "0"
+    errors = result.socket_errors()
+    if errors:
+        row.notes.append("wrk socket errors: " + ", ".join(f"{k} {v}" for k, v in errors.items()))
+
+
+def run_baseline(wrk: str, opts: Options, logdir: str, stock: bool = False) -> Row:
+    """The framework floor: a bare Resource answering 202 (with `stock`,
+    on Twisted's default Request and Site instead of estat's lean ones)."""
+    row = Row("baseline-stock" if stock else "baseline", "-")
+    script = loadgen.write_script(logdir, "baseline", loadgen.single_event(),
+                                  loadgen.JSON_TYPE)
+    server = Baseline(logdir, stock)
+    try:
+        result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir)
+        row.peak_rss_mib = procs.peak_rss_mib(server.child.pid)
+    finally:
+        server.stop()
+    fill_from_wrk(row, result, cpu_s)
+    row.events_per_s = result.count(202) / result.duration_s
+    row.check = "n/a (stores nothing)"
+    return row
+
+
+def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
+              moto: Optional[Moto]) -> Row:
+    """`single` or `batch` against estat-ingest with the local or S3 store."""
+    row = Row(kind, store)
+    body, ctype = ((loadgen.single_event(), loadgen.JSON_TYPE) if kind == "single"
+                   else (loadgen.ndjson_batch(BATCH_EVENTS), loadgen.NDJSON_TYPE))
+    script = loadgen.write_script(logdir, kind, body, ctype)
+    datadir = tempfile.mkdtemp(prefix=f"estat-bench-{kind}-{store}-")
+    env = {"EVENT_QUEUE_SIZE": str(opts.event_queue_size), "SHUTDOWN_TIMEOUT": "60"}
+    bucket = f"bench-{kind}-{int(time.time())}"
+    if moto is not None:
+        moto.create_bucket(bucket)
+        env.update(moto.server_env(bucket))
+    try:
+        server = Estat(logdir, datadir, env)
+        status = loadgen.probe(server.url, body, ctype)
+        if status == 415:
+            server.stop(30)
+            row.check = "skipped: not supported by this server (415)"
+            return row
+        if status != 202:
+            row.notes.append(f"probe POST answered {status} (expected 202)")
+        before = server.metrics()
+        result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir)
+        after = server.metrics()
+        row.peak_rss_mib = procs.peak_rss_mib(server.child.pid)
+        code = server.stop(120)
+        fill_from_wrk(row, result, cpu_s)
+        account(row, result, before, after, kind)
+        if code not in CLEAN_STOP_CODES:
+            row.notes.append(f"server exit status {code} (clean stop is -15)")
+        if moto is not None:
+            objects, row.stored = moto.count_events(bucket)
+        else:
+            objects, row.stored = count_local_events(server.output_dir)
+        row.notes.append(f"{objects} objects")
+        dlq = count_files(server.dlq_dir)
+        if dlq:
+            row.notes.append(f"{dlq} files left in the dead-letter directory")
+        row.check = check(row.accepted, row.stored)
+        return row
+    finally:
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+def account(row: Row, result: loadgen.WrkResult, before: dict[str, float],
+            after: dict[str, float], kind: str) -> None:
+    """Events accepted (the server's counter, probe included, since the
+    store holds the probe too) and events/s over the wrk run."""
+    name = "estat_events_accepted_total"
+    row.accepted = int(after.get(name, 0))
+    row.events_per_s = (after.get(name, 0) - before.get(name, 0)) / result.duration_s
+    per_request = 1 if kind == "single" else BATCH_EVENTS
+    seen = result.count(202) * per_request
+    counted = after.get(name, 0) - before.get(name, 0)
+    if seen > counted:
+        row.notes.append(f"wrk saw {seen} events answered 202 but the server counted "
+                         f"only {counted:.0f}")
+    code_202 = 'estat_http_requests_total{code="202"}'
+    served = after.get(code_202, 0) - before.get(code_202, 0)
+    if served * per_request != counted:
+        row.notes.append(f"server answered {served:.0f} requests 202 for {counted:.0f} "
+                         "accepted events")
+
+
+def check(accepted: Optional[int], stored: Optional[int]) -> str:
+    """"ok" when every accepted event was stored; MISMATCH loudly otherwise."""
+    if accepted is None or stored is None:
+        return "?"
+    if accepted == stored:
+        return "ok"
+    return f"**MISMATCH** ({stored - accepted:+d})"
+
+
+# --- the table -------------------------------------------------------------
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[Row]) -> str:
+    """The markdown table, then one line per anomaly or note."""
+    head = ("| scenario | store | req/s | × baseline | events/s | non-2xx | p50 ms | p99 ms "
+            "| server CPU s | peak RSS MiB | accepted | stored | accepted = stored |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        lines.append(
+            f"| {r.scenario} | {r.store} | {fmt(r.rps, ',.0f')} | {fmt(r.ratio, '.2f')} "
+            f"| {fmt(r.events_per_s, ',.0f')} | {r.non_2xx or '-'} | {fmt(r.p50_ms, '.2f')} "
+            f"| {fmt(r.p99_ms, '.2f')} | {fmt(r.cpu_s, '.1f')} | {fmt(r.peak_rss_mib, '.0f')} "
+            f"| {fmt(r.accepted, ',d')} | {fmt(r.stored, ',d')} | {r.check} |")
+    notes = [f"- {r.scenario}/{r.store}: {note}" for r in rows for note in r.notes]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# --- the run -------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> Options:
+    parser = argparse.ArgumentParser(
+        description="Benchmark estat-ingest against a bare twisted.web baseline with wrk "
+                    "(loopback only).",
+        epilog="There is no --workers yet: multi-core workers (issue 6, section 4) are "
+               "not built.")
+    parser.add_argument("-d", "--duration", type=float, default=10.0,
+                        help="seconds of load per scenario (default 10)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 s per scenario: a smoke run, not a measurement")
+    parser.add_argument("-c", "--connections", type=int, default=64,
+                        help="keep-alive connections (default 64)")
+    parser.add_argument("-t", "--threads", type=int, default=1,
+                        help="wrk threads (default 1: the machine has 2 cores and the "
+                             "server needs one)")
+    parser.add_argument("-s", "--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated subset of " + ", ".join(SCENARIOS)
+                             + " (default: all of them); 'single', 'batch', 'local' and "
+                             "'s3' select groups; 'baseline-stock' (opt-in) is the "
+                             "baseline on Twisted's default Request and Site")
+    parser.add_argument("--event-queue-size", type=int, default=100_000,
+                        help="EVENT_QUEUE_SIZE of the server (default 100000)")
+    parser.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"),
+                        help="where logs and results.json go (default bench/results)")
+    args = parser.parse_args(argv)
+    return Options(
+        duration=3.0 if args.quick else args.duration, connections=args.connections,
+        threads=args.threads, scenarios=select(args.scenarios),
+        event_queue_size=args.event_queue_size, results_dir=args.results_dir)
+
+
+def select(spec: str) -> list[str]:
+    """Scenario names from a comma-separated spec, in the canonical order."""
+    wanted = {w.strip() for w in spec.split(",") if w.strip()}
+    every = SCENARIOS + OPTIONAL_SCENARIOS
+    chosen = [s for s in every if s in wanted
+              or (s in SCENARIOS and any(w in s.split("-") for w in wanted))]
+    unknown = [w for w in wanted if not any(w == s or w in s.split("-") for s in every)]
+    if unknown or not chosen:
+        raise SystemExit(f"unknown scenarios {unknown}; choose from {', '.join(every)}")
+    return chosen
+
+
+def run_one(name: str, wrk: str, opts: Options, rundir: str,
+            get_moto: Callable[[], Moto]) -> Row:
+    """One scenario; an error becomes a row that says what failed."""
+    logdir = os.path.join(rundir, name)
+    os.makedirs(logdir, exist_ok=True)
+    print(f"== {name} ({opts.duration:g} s) ...", flush=True)
+    kind, _, store = name.partition("-")
+    try:
+        if name in ("baseline", "baseline-stock"):
+            return run_baseline(wrk, opts, logdir, stock=name == "baseline-stock")
+        moto = get_moto() if store == "s3" else None
+        return run_estat(wrk, opts, logdir, kind, store, moto)
+    except (RuntimeError, OSError, ValueError) as error:
+        row = Row(kind, store or "-", check=f"**FAILED** (see {logdir})")
+        row.notes.append(str(error).splitlines()[0] if str(error) else repr(error))
+        print(f"   {name} failed: {error}", flush=True)
+        return row
+
+
+def run(opts: Options) -> list[Row]:
+    """Every chosen scenario in order; the baseline's req/s sets the ratios."""
+    wrk = loadgen.ensure_wrk()
+    rundir = os.path.join(opts.results_dir, time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(rundir, exist_ok=True)
+    moto: list[Moto] = []
+
+    def get_moto() -> Moto:
+        if not moto:
+            moto.append(Moto(rundir))
+        return moto[0]
+
+    rows: list[Row] = []
+    try:
+        for name in opts.scenarios:
+            rows.append(run_one(name, wrk, opts, rundir, get_moto))
+    finally:
+        for m in moto:
+            m.stop()
+    baseline = next((r.rps for r in rows if r.scenario == "baseline" and r.rps), None)
+    if baseline is None:
+        print("no baseline in this run: no ratios", flush=True)
+    for row in rows:
+        row.ratio = row.rps / baseline if baseline and row.rps is not None else None
+    save(rundir, opts, rows)
+    return rows
+
+
+def save(rundir: str, opts: Options, rows: list[Row]) -> None:
+    """results.json and table.md in the run's directory."""
+    with open(os.path.join(rundir, "results.json"), "w") as handle:
+        json.dump({"options": asdict(opts), "rows": [asdict(r) for r in rows]}, handle,
+                  indent=2)
+    with open(os.path.join(rundir, "table.md"), "w") as handle:
+        handle.write(table(rows) + "\n")
+    print(f"(raw results in {rundir})", flush=True)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    opts = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        rows = run(opts)
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything started", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+    print()
+    print(f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s, loopback, "
+          f"{os.cpu_count()} cores shared by wrk and the server")
+    print()
+    print(table(rows))
+    return 1 if any("MISMATCH" in r.check or "FAILED" in r.check for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
