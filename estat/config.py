@@ -216,6 +216,9 @@ OPTIONS: tuple[Option, ...] = (
            "most header lines in one request (431 above)"),
     Option("max-header-bytes", "MAX_HEADER_BYTES", parse_positive_size, "16KiB",
            "most bytes of request line and headers (431 above)"),
+    Option("workers", "WORKERS", parse_positive_int, "1",
+           "worker processes sharing the tcp: listening ports, each with its "
+           "own queue, batcher, uploader and dead-letter subfolder"),
     Option("shutdown-timeout", "SHUTDOWN_TIMEOUT", parse_positive_seconds,
            "30", "seconds a stop may take before unfinished uploads go to "
            "the dead-letter directory"),
@@ -258,6 +261,7 @@ class Settings:
     max_connections: int = 1024
     max_headers: int = 64
     max_header_bytes: int = 16 * 1024
+    workers: int = 1
     shutdown_timeout: float = 30.0
 
 

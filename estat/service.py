@@ -4,10 +4,9 @@ accepted is dropped."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, DeferredQueue, inlineCallbacks
@@ -26,7 +25,7 @@ from estat.localstore import LocalStore
 from estat.metrics import Metrics
 from estat.store import Store
 from estat.uploader import Uploader
-from estat.web import AdminSite, IngestSite, IngestState
+from estat.web import AdminSite, IngestSite, IngestState, MetricsPage
 
 _log = Logger()
 
@@ -40,8 +39,10 @@ class IngestService(Service):
 
     def __init__(self, settings: Settings, reactor: Any,
                  registry: Optional[CollectorRegistry] = None,
-                 own_signals: bool = False) -> None:
+                 own_signals: bool = False,
+                 inherited_ports: Sequence[tuple[int, int]] = ()) -> None:
         self.settings = settings
+        self.inherited_ports = inherited_ports
         self.own_signals = own_signals
         self.reactor = reactor
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -72,7 +73,7 @@ class IngestService(Service):
             request_timeout=settings.request_timeout,
             max_connections=settings.max_connections, max_headers=settings.max_headers,
             max_header_bytes=settings.max_header_bytes)
-        self.admin_site = AdminSite(self.state, MetricsResource(registry=self.registry),
+        self.admin_site = AdminSite(self.state, MetricsPage(self.registry),
                                     reactor=reactor)
         self.ports: list[IListeningPort] = []
         self.admin_port: Optional[IListeningPort] = None
@@ -133,7 +134,9 @@ class IngestService(Service):
             self.dlq.start_draining(self.store, self.uploader.idle)
             self.admin_port = yield endpoints.serverFromString(
                 self.reactor, self.settings.admin_listen).listen(self.admin_site)
-            for description in self.settings.listen:
+            for fd, family in self.inherited_ports:
+                self.ports.append(self.reactor.adoptStreamPort(fd, family, self.ingest_site))
+            for description in self.settings.listen if not self.inherited_ports else ():
                 port = yield endpoints.serverFromString(
                     self.reactor, description).listen(self.ingest_site)
                 self.ports.append(port)

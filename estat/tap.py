@@ -51,6 +51,11 @@ def validate_environment(settings: Settings) -> None:
     else:
         check_directory("OUTPUT_DIR", settings.output_dir)
     check_directory("DLQ_DIR", settings.dlq_dir)
+    if settings.workers > 1:
+        from estat.workers import tcp_listen_address
+
+        for description in settings.listen:
+            tcp_listen_address(description)
     if settings.auth_tokens_file:
         from estat.auth import TokensFileError, read_tokens_file
 
@@ -98,8 +103,12 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from estat.service import IngestService
-
     assert options.settings is not None
     reactor_: Any = reactor
+    if options.settings.workers > 1:
+        from estat.workers import WorkerSupervisor
+
+        return WorkerSupervisor(options.settings, reactor_)
+    from estat.service import IngestService
+
     return IngestService(options.settings, reactor_, own_signals=True)

@@ -448,6 +448,24 @@ class IngestSite(Site):
             channel.persistent = False
 
 
+class MetricsPage(Resource):
+    """`/metrics` in the Prometheus text format, rendered on the reactor
+    thread (prometheus-client's own resource is WSGI on the global thread
+    pool, and cannot answer over a unix socket)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.registry)
+
+
 class AdminSite(Site):
     """The admin listener: `/metrics`, `/healthz`, `/readyz`."""
 

@@ -63,6 +63,8 @@ class OptionsTests(unittest.TestCase):
             ([], {"LISTEN": "bogus:1"}, "LISTEN 'bogus:1' is not a Twisted endpoint"),
             ([], {"ADMIN_LISTEN": "tcp:notaport"}, "ADMIN_LISTEN 'tcp:notaport'"),
             ([], {"S3_ADDRESSING": "sideways"}, "expected one of auto, path, virtual"),
+            ([], {"WORKERS": "2", "LISTEN": "unix:/tmp/x.sock"},
+             "WORKERS > 1 needs tcp: LISTEN endpoints; 'unix:/tmp/x.sock' is not one"),
         ]
         for argv, env, message in cases:
             with self.assertRaises(usage.UsageError, msg=(argv, env)) as caught:

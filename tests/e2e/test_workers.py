@@ -1,0 +1,91 @@
+"""End to end: `--workers 2` shares the port between two worker processes,
+restarts a dead worker, aggregates metrics, and drains both on SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial import unittest
+
+from estat.workers import merge_worker_metrics
+from tests.support import EstatServer, make_workdir, poll_until, read_objects
+
+
+def worker_pids(server: EstatServer) -> dict[int, int]:
+    """Worker index -> pid, from the children of the twistd process."""
+    pids = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if parent == server.proc.process.pid and b"estat.workers" in argv:
+            pids[int(argv[argv.index(b"estat.workers") + 1])] = int(pid)
+    return pids
+
+
+class WorkersEndToEnd(unittest.TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_two_workers_share_the_port_restart_and_drain(self):
+        workdir = make_workdir(self)
+        server = EstatServer(workdir, env={"WORKERS": "2", "FLUSH_INTERVAL": "60",
+                                           "BATCH_SIZE": "100000"})
+        yield server.start()
+        self.addCleanup(lambda: server.proc.kill())
+        pids = yield poll_until(lambda: len(worker_pids(server)) == 2 and worker_pids(server),
+                                20, what="two workers")
+        os.kill(pids[0], signal.SIGKILL)
+        yield poll_until(lambda: server.metrics().get("estat_worker_restarts_total") == 1
+                         and len(worker_pids(server)) == 2, 20, what="worker 0 restarted")
+        yield poll_until(lambda: server.metrics().get('estat_ready{worker="0"}') == 1, 20,
+                         what="worker 0 ready again")
+        sent = 0
+        for _ in range(40):  # new connections, so both workers get some
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            for _ in range(5):
+                connection.request("POST", "/collect", body=json.dumps({"id": sent}),
+                                   headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                self.assertEqual(response.status, 202)
+                sent += 1
+            connection.close()
+        metrics = server.metrics()
+        per_worker = [metrics.get(f'estat_events_accepted_total{{worker="{i}"}}', 0)
+                      for i in (0, 1)]
+        self.assertEqual(sum(per_worker), sent, metrics)
+        self.assertTrue(all(count > 0 for count in per_worker), per_worker)
+        code = yield server.stop()
+        self.assertIn(code, (0, -15), server.output())
+        objects = read_objects(os.path.join(workdir, "objects"))
+        ids = sorted(line["body"]["id"] for _, lines in objects for line in lines)
+        self.assertEqual(ids, list(range(sent)))
+        self.assertEqual({key.rsplit("/", 1)[1].split("-")[-2] for key, _ in objects},
+                         {"w0", "w1"})
+        self.assertEqual(sorted(os.listdir(os.path.join(workdir, "dlq"))), ["w0", "w1"])
+
+
+class MergeTests(unittest.TestCase):
+    def test_every_sample_gets_its_worker_label(self):
+        text = (b"# HELP estat_events_accepted_total Events\n"
+                b"# TYPE estat_events_accepted_total counter\n"
+                b"estat_events_accepted_total 3.0\n"
+                b"# HELP estat_events_rejected_total Rejected\n"
+                b"# TYPE estat_events_rejected_total counter\n"
+                b'estat_events_rejected_total{reason="queue_full"} 1.0\n')
+        merged = merge_worker_metrics({0: text, 1: text.replace(b"3.0", b"4.0")}).decode()
+        self.assertIn('estat_events_accepted_total{worker="0"} 3.0', merged)
+        self.assertIn('estat_events_accepted_total{worker="1"} 4.0', merged)
+        self.assertIn('estat_events_rejected_total{reason="queue_full",worker="1"} 1.0', merged)
+        self.assertEqual(merged.count("# TYPE estat_events_accepted_total counter"), 1)
