@@ -13,7 +13,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.python import log
 from twisted.trial import unittest
 
-from tests.e2e.reconcile import Harness, Report
+from tests.e2e.reconcile import Found, Harness, Outcome, Report, reconcile
 from tests.support import poll_until
 
 STORED = 'estat_events_stored_total{store="s3"}'
@@ -197,3 +197,38 @@ class Reconcile(unittest.TestCase):
         self.assertLess(latencies[int(0.99 * (len(latencies) - 1))], 1.0, report.table())
         self.assertGreater(report.accepted, 0, report.table())
         self.assertEqual(via_dlq, 0, report.table())
+
+
+class ReconcileArithmetic(unittest.TestCase):
+    """The reconciliation itself can fail: loss, duplicates and phantoms
+    are caught (no processes here)."""
+
+    def _report(self, objects, entries=()):  # type: ignore[no-untyped-def]
+        outcomes = [Outcome(["a", "b"], 202), Outcome(["c"], 202),
+                    Outcome(["d"], 503, "queue_full"), Outcome(["e"], None, "ConnectionLost")]
+        return reconcile("t", outcomes, list(objects), list(entries))
+
+    def test_clean_run_reconciles(self):
+        report = self._report([Found("s3", "k1", "k1", ["a", "b"])],
+                              [Found("dlq", "e1", "k2", ["c"])])
+        self.assertEqual(report.problems(), [], report.table())
+        self.assertEqual((report.accepted, report.stored, report.in_dlq), (3, 2, 1))
+        self.assertEqual(report.rejected, {"503 queue_full": 1})
+
+    def test_loss_duplicates_and_phantoms_are_problems(self):
+        lost = self._report([Found("s3", "k1", "k1", ["a", "b"])])
+        self.assertEqual(lost.lost, 1)
+        duplicated = self._report([Found("s3", "k1", "k1", ["a", "b"]),
+                                   Found("s3", "k2", "k2", ["c", "a"])])
+        self.assertEqual(duplicated.duplicates, 1)
+        phantom = self._report([Found("s3", "k1", "k1", ["a", "b", "c", "d"])])
+        self.assertEqual(phantom.phantoms, 1)
+        for report in (lost, duplicated, phantom):
+            self.assertTrue(report.problems(), report.table())
+
+    def test_dlq_entry_already_stored_under_its_key_is_not_a_duplicate(self):
+        report = self._report([Found("s3", "k1", "k1", ["a", "b"]),
+                               Found("s3", "k2", "k2", ["c", "e"])],
+                              [Found("dlq", "e1", "k2", ["c", "e"])])
+        self.assertEqual(report.problems(), [], report.table())
+        self.assertEqual((report.dlq_already_stored, report.stored_without_answer), (1, 1))
