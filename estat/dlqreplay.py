@@ -13,19 +13,15 @@ from twisted.python.threadpool import ThreadPool
 
 from estat import dlqdisk
 from estat.config import Settings
-from estat.localstore import LocalStore
 from estat.metrics import Metrics
 from estat.store import RetryableStoreError, Store, StoreError
 
 
 def make_store(settings: Settings, reactor: Any, pool: ThreadPool) -> Store:
-    """The server's choice of store (see IngestService._make_store)."""
-    if settings.s3_bucket:
-        from estat.s3 import make_s3_store
+    """The server's own choice of store, with metrics nobody scrapes."""
+    from estat.service import make_store as server_store
 
-        metrics = Metrics(CollectorRegistry(), process=False)
-        return make_s3_store(settings, reactor, pool, metrics)  # type: ignore[no-any-return]
-    return LocalStore(settings.output_dir, reactor, pool)
+    return server_store(settings, reactor, pool, Metrics(CollectorRegistry(), process=False))
 
 
 @inlineCallbacks

@@ -30,6 +30,16 @@ from estat.web import AdminSite, IngestSite, IngestState, MetricsPage
 _log = Logger()
 
 
+def make_store(settings: Settings, reactor: Any, pool: ThreadPool, metrics: Metrics) -> Store:
+    """S3 when S3_BUCKET is set, else the local directory: the one place
+    that choice is made (the server and `estat-dlq replay` both use it)."""
+    if settings.s3_bucket:
+        from estat.s3 import make_s3_store
+
+        return make_s3_store(settings, reactor, pool, metrics)
+    return LocalStore(settings.output_dir, reactor, pool)
+
+
 class IngestService(Service):
     """Runs the listeners, batcher, uploader and dead-letter drain.
 
@@ -80,11 +90,7 @@ class IngestService(Service):
         self._stopping: Optional[Deferred] = None
 
     def _make_store(self) -> Store:
-        if self.settings.s3_bucket:
-            from estat.s3 import make_s3_store
-
-            return make_s3_store(self.settings, self.reactor, self.pool, self.metrics)
-        return LocalStore(self.settings.output_dir, self.reactor, self.pool)
+        return make_store(self.settings, self.reactor, self.pool, self.metrics)
 
     def _encode(self, batch: Batch) -> "Deferred[list[EncodedObject]]":
         settings = self.settings

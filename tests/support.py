@@ -18,7 +18,7 @@ import urllib.request
 from typing import Any, Callable, Optional
 
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

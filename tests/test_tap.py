@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 
 from twisted.python import usage
 from twisted.trial import unittest
