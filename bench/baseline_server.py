@@ -13,6 +13,7 @@ slower than estat-ingest itself and is no floor.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from twisted.internet import default
 
@@ -37,9 +38,12 @@ class AcceptResource(Resource):
 
 
 class NoFormRequest(Request):
-    """A Request that never parses form bodies (as estat's BoundedRequest)."""
+    """A Request that never parses form bodies. (A class attribute is not
+    enough: Request.__init__ sets `_parsePOSTFormSubmission` per instance.)"""
 
-    _parsePOSTFormSubmission = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kwargs)
 
 
 class QuietSite(Site):

@@ -48,6 +48,7 @@ class Row:
     p50_ms: Optional[float] = None
     p99_ms: Optional[float] = None
     cpu_s: Optional[float] = None
+    cpu_us_per_req: Optional[float] = None
     peak_rss_mib: Optional[float] = None
     accepted: Optional[int] = None
     stored: Optional[int] = None
@@ -85,6 +86,11 @@ def fill_from_wrk(row: Row, result: loadgen.WrkResult, cpu_s: float) -> None:
     row.rps = result.rps
     row.p50_ms, row.p99_ms = result.p50_ms, result.p99_ms
     row.cpu_s = cpu_s
+    row.cpu_us_per_req = cpu_s / result.requests * 1e6 if result.requests else None
+    share = cpu_s / result.duration_s if result.duration_s else 0.0
+    if share < 0.8:
+        row.notes.append(f"the server used only {share:.0%} of a core during the run: "
+                         "it waited (on wrk, the store, or a busy machine)")
     bad = result.non_2xx()
     row.non_2xx = ", ".join(f"{n}×{code}" for code, n in bad.items()) or "0"
     errors = result.socket_errors()
@@ -194,13 +200,13 @@ def fmt(value: Optional[float], spec: str) -> str:
 def table(rows: list[Row]) -> str:
     """The markdown table, then one line per anomaly or note."""
     head = ("| scenario | store | req/s | × baseline | events/s | non-2xx | p50 ms | p99 ms "
-            "| server CPU s | peak RSS MiB | accepted | stored | accepted = stored |")
-    lines = [head, "|" + "---|" * 13]
+            "| server CPU s | CPU µs/req | peak RSS MiB | accepted | stored | accepted = stored |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r.scenario} | {r.store} | {fmt(r.rps, ',.0f')} | {fmt(r.ratio, '.2f')} "
             f"| {fmt(r.events_per_s, ',.0f')} | {r.non_2xx or '-'} | {fmt(r.p50_ms, '.2f')} "
-            f"| {fmt(r.p99_ms, '.2f')} | {fmt(r.cpu_s, '.1f')} | {fmt(r.peak_rss_mib, '.0f')} "
+            f"| {fmt(r.p99_ms, '.2f')} | {fmt(r.cpu_s, '.1f')} | {fmt(r.cpu_us_per_req, '.0f')} | {fmt(r.peak_rss_mib, '.0f')} "
             f"| {fmt(r.accepted, ',d')} | {fmt(r.stored, ',d')} | {r.check} |")
     notes = [f"- {r.scenario}/{r.store}: {note}" for r in rows for note in r.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
