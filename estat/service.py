@@ -4,6 +4,7 @@ accepted is dropped."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 from prometheus_client import CollectorRegistry
@@ -142,6 +143,9 @@ class IngestService(Service):
                 self.reactor, self.settings.admin_listen).listen(self.admin_site)
             for fd, family in self.inherited_ports:
                 self.ports.append(self.reactor.adoptStreamPort(fd, family, self.ingest_site))
+                # The port works on a duplicate; closing ours means stopping
+                # the port really stops this process listening.
+                os.close(fd)
             for description in self.settings.listen if not self.inherited_ports else ():
                 port = yield endpoints.serverFromString(
                     self.reactor, description).listen(self.ingest_site)

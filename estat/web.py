@@ -165,6 +165,10 @@ class CollectResource(Resource):
                 line = line[:-1]
             if not line.strip():
                 continue
+            if len(line) > state.max_body_size:
+                state.count_rejected("too_large")
+                return _answer(request, 413, error_body(
+                    "too_large", line=number, max_bytes=state.max_body_size))
             if state.validate_json:
                 problem = body_error(line)
                 if problem is not None:

@@ -194,12 +194,15 @@ class WorkerSupervisor(Service):
                 process.signalProcess("TERM")
             except Exception:  # already gone
                 pass
+        # The workers hold the only other copies: once each stops listening,
+        # new connections are refused instead of waiting in the backlog.
+        for sock, _ in self.sockets:
+            sock.close()
+        self.sockets = []
         killer = self.reactor.callLater(self.settings.shutdown_timeout + 15, self._kill_all)
         yield DeferredList(endings)
         if killer.active():
             killer.cancel()
-        for sock, _ in self.sockets:
-            sock.close()
         if self.admin_port is not None:
             yield self.admin_port.stopListening()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -357,11 +360,6 @@ def run_worker(index: int, ports: str) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(service.startService)
     reactor.run()
-    for fd, _ in inherited:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 if __name__ == "__main__":

@@ -312,6 +312,14 @@ class BatchAndGzipTests(unittest.TestCase):
         self.assertEqual(self.registry.get_sample_value(
             "estat_events_rejected_total", {"reason": "invalid_encoding"}), 2)
 
+    def test_a_line_over_the_single_event_limit_refuses_the_batch(self):
+        """Each line is one event, held to MAX_BODY_SIZE like a single event,
+        so the event queue's memory stays EVENT_QUEUE_SIZE x MAX_BODY_SIZE."""
+        code, answer = self.send(b'{"a":1}\n{"pad":"' + b"x" * 60 + b'"}\n')
+        self.assertEqual((code, answer), (413, {"error": "too_large", "line": 2, "max_bytes": 64}))
+        self.assertEqual(self.queue.pending, [])
+
     def test_single_event_limit_still_applies_to_json(self):
         code, answer = self.send(b'{"a":"' + b"x" * 100 + b'"}', b"application/json")
         self.assertEqual((code, answer["max_bytes"]), (413, 64))
+
