@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -83,6 +84,7 @@ class WrkResult:
     max_ms: float
     codes: dict[int, int]
     errors: dict[str, int] = field(default_factory=dict)
+    wrk_cpu_s: float = 0.0
 
     @property
     def rps(self) -> float:
@@ -132,6 +134,7 @@ def run_wrk(wrk: str, url: str, script: str, duration_s: float, connections: int
     interrupted."""
     if not url.startswith("http://127.0.0.1:"):
         raise ValueError(f"refusing to load anything but loopback: {url}")
+    usage_before = _children_cpu()
     argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
             "--timeout", "5s", "-s", script, url]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -144,7 +147,16 @@ def run_wrk(wrk: str, url: str, script: str, duration_s: float, connections: int
             process.wait()
     with open(log_path, "w") as handle:
         handle.write(output)
-    return parse_wrk(output)
+    result = parse_wrk(output)
+    result.wrk_cpu_s = _children_cpu() - usage_before
+    return result
+
+
+def _children_cpu() -> float:
+    """CPU seconds of every reaped child so far (wrk is the only child reaped
+    while it runs, so the difference around a run is wrk's own)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def parse_wrk(output: str) -> WrkResult:

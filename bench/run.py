@@ -43,6 +43,7 @@ class Row:
     store: str
     rps: Optional[float] = None
     ratio: Optional[float] = None
+    cpu_ratio: Optional[float] = None
     events_per_s: Optional[float] = None
     non_2xx: str = ""
     p50_ms: Optional[float] = None
@@ -50,6 +51,7 @@ class Row:
     cpu_s: Optional[float] = None
     cpu_us_per_req: Optional[float] = None
     peak_rss_mib: Optional[float] = None
+    wrk_cpu_s: Optional[float] = None
     accepted: Optional[int] = None
     stored: Optional[int] = None
     check: str = ""
@@ -86,11 +88,15 @@ def fill_from_wrk(row: Row, result: loadgen.WrkResult, cpu_s: float) -> None:
     row.rps = result.rps
     row.p50_ms, row.p99_ms = result.p50_ms, result.p99_ms
     row.cpu_s = cpu_s
+    row.wrk_cpu_s = result.wrk_cpu_s
     row.cpu_us_per_req = cpu_s / result.requests * 1e6 if result.requests else None
     share = cpu_s / result.duration_s if result.duration_s else 0.0
     if share < 0.8:
         row.notes.append(f"the server used only {share:.0%} of a core during the run: "
                          "it waited (on wrk, the store, or a busy machine)")
+    if result.wrk_cpu_s / result.duration_s > 0.9:
+        row.notes.append(f"wrk used {result.wrk_cpu_s / result.duration_s:.0%} of a core: "
+                         "the load generator may be the limit (try -t2)")
     bad = result.non_2xx()
     row.non_2xx = ", ".join(f"{n}×{code}" for code, n in bad.items()) or "0"
     errors = result.socket_errors()
@@ -129,6 +135,7 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
     if moto is not None:
         moto.create_bucket(bucket)
         env.update(moto.server_env(bucket))
+    server: Optional[Estat] = None
     try:
         server = Estat(logdir, datadir, env)
         status = loadgen.probe(server.url, body, ctype)
@@ -158,6 +165,8 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         row.check = check(row.accepted, row.stored)
         return row
     finally:
+        if server is not None and server.child.running():
+            server.child.kill_group()  # only on an error or Ctrl-C
         shutil.rmtree(datadir, ignore_errors=True)
 
 
@@ -199,12 +208,12 @@ def fmt(value: Optional[float], spec: str) -> str:
 
 def table(rows: list[Row]) -> str:
     """The markdown table, then one line per anomaly or note."""
-    head = ("| scenario | store | req/s | × baseline | events/s | non-2xx | p50 ms | p99 ms "
+    head = ("| scenario | store | req/s | × baseline | × baseline by CPU | events/s | non-2xx | p50 ms | p99 ms "
             "| server CPU s | CPU µs/req | peak RSS MiB | accepted | stored | accepted = stored |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
-            f"| {r.scenario} | {r.store} | {fmt(r.rps, ',.0f')} | {fmt(r.ratio, '.2f')} "
+            f"| {r.scenario} | {r.store} | {fmt(r.rps, ',.0f')} | {fmt(r.ratio, '.2f')} | {fmt(r.cpu_ratio, '.2f')} "
             f"| {fmt(r.events_per_s, ',.0f')} | {r.non_2xx or '-'} | {fmt(r.p50_ms, '.2f')} "
             f"| {fmt(r.p99_ms, '.2f')} | {fmt(r.cpu_s, '.1f')} | {fmt(r.cpu_us_per_req, '.0f')} | {fmt(r.peak_rss_mib, '.0f')} "
             f"| {fmt(r.accepted, ',d')} | {fmt(r.stored, ',d')} | {r.check} |")
@@ -296,13 +305,23 @@ def run(opts: Options) -> list[Row]:
     finally:
         for m in moto:
             m.stop()
-    baseline = next((r.rps for r in rows if r.scenario == "baseline" and r.rps), None)
-    if baseline is None:
-        print("no baseline in this run: no ratios", flush=True)
-    for row in rows:
-        row.ratio = row.rps / baseline if baseline and row.rps is not None else None
+    set_ratios(rows)
     save(rundir, opts, rows)
     return rows
+
+
+def set_ratios(rows: list[Row]) -> None:
+    """Each row against the baseline: req/s over req/s, and baseline CPU per
+    request over the row's (what the ratio would be if each had a whole core)."""
+    base = next((r for r in rows if r.scenario == "baseline" and r.rps), None)
+    if base is None:
+        print("no baseline in this run: no ratios", flush=True)
+        return
+    for row in rows:
+        if row.rps is not None:
+            row.ratio = row.rps / base.rps  # type: ignore[operator]
+        if row.cpu_us_per_req and base.cpu_us_per_req:
+            row.cpu_ratio = base.cpu_us_per_req / row.cpu_us_per_req
 
 
 def save(rundir: str, opts: Options, rows: list[Row]) -> None:
@@ -319,8 +338,18 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def header(opts: Options, load: str) -> str:
+    """The line above the table: how the load was made, and how busy the
+    machine was before the run."""
+    return (f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s per scenario, "
+            f"loopback, {os.cpu_count()} cores shared by wrk and the server; load average "
+            f"before the run: {load}")
+
+
 def main(argv: list[str]) -> int:
     opts = parse_args(argv)
+    with open("/proc/loadavg") as handle:
+        load = " ".join(handle.read().split()[:3])
     signal.signal(signal.SIGTERM, _terminate)
     try:
         rows = run(opts)
@@ -330,8 +359,7 @@ def main(argv: list[str]) -> int:
     finally:
         procs.stop_all()
     print()
-    print(f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s, loopback, "
-          f"{os.cpu_count()} cores shared by wrk and the server")
+    print(header(opts, load))
     print()
     print(table(rows))
     return 1 if any("MISMATCH" in r.check or "FAILED" in r.check for r in rows) else 0

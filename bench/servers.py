@@ -24,8 +24,12 @@ class Baseline:
         argv = [sys.executable, os.path.join(BENCH_DIR, "baseline_server.py"), str(self.port)]
         self.child = Child("baseline", argv + (["--stock"] if stock else []),
                            dict(os.environ), logdir, os.path.join(logdir, "server.log"))
-        wait_until(lambda: http_status(self.url, method="POST", body=b"{}") == 202, 30,
-                   "the baseline server to answer", self.child)
+        try:
+            wait_until(lambda: http_status(self.url, method="POST", body=b"{}") == 202, 30,
+                       "the baseline server to answer", self.child)
+        except BaseException:
+            self.child.kill_group()
+            raise
 
     def stop(self) -> Optional[int]:
         return self.child.terminate(10)
@@ -53,8 +57,12 @@ class Estat:
         argv = [os.path.join(VENV_BIN, "twistd"), "--nodaemon", "--pidfile=", "estat-ingest"]
         self.child = Child("estat-ingest", argv, env, datadir,
                            os.path.join(logdir, "server.log"))
-        wait_until(lambda: http_status(self.admin_url + "/readyz") == 200, 60,
-                   "estat-ingest to be ready", self.child)
+        try:
+            wait_until(lambda: http_status(self.admin_url + "/readyz") == 200, 60,
+                       "estat-ingest to be ready", self.child)
+        except BaseException:
+            self.child.kill_group()
+            raise
 
     def metrics(self) -> dict[str, float]:
         """The admin /metrics page as {sample name with labels: value}."""

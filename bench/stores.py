@@ -26,8 +26,12 @@ class Moto:
                            [os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1",
                             "-p", str(self.port)],
                            env, workdir, os.path.join(workdir, "moto.log"))
-        wait_until(lambda: http_status(self.endpoint + "/moto-api/") is not None, 30,
-                   "moto_server to listen", self.child)
+        try:
+            wait_until(lambda: http_status(self.endpoint + "/moto-api/") is not None, 30,
+                       "moto_server to listen", self.child)
+        except BaseException:
+            self.child.kill_group()
+            raise
         self._client = self._make_client()
 
     def _make_client(self) -> Any:
