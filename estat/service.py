@@ -41,6 +41,26 @@ def make_store(settings: Settings, reactor: Any, pool: ThreadPool, metrics: Metr
     return LocalStore(settings.output_dir, reactor, pool)
 
 
+def ignore_further_signals(timeout: float) -> None:
+    """Once a stop has begun, a second SIGTERM or SIGINT must not cut it
+    short: log it instead (Twisted's own handler would only complain)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def again(signum: int, frame: object) -> None:
+        _log.warn("already stopping: waiting for uploads to finish or be dead-lettered "
+                  "(at most SHUTDOWN_TIMEOUT={timeout}s)", timeout=timeout)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(signum, again)
+        except (ValueError, OSError):
+            pass
+
+
 class IngestService(Service):
     """Runs the listeners, batcher, uploader and dead-letter drain.
 
@@ -186,7 +206,7 @@ class IngestService(Service):
         timeout = self.settings.shutdown_timeout
         deadline = self.reactor.callLater(timeout, self._deadline_passed)
         if self.own_signals:
-            self._ignore_further_signals()
+            ignore_further_signals(timeout)
         self.state.draining = True
         _log.info("stopping: no longer accepting events (deadline {timeout}s)",
                   timeout=timeout)
@@ -209,26 +229,6 @@ class IngestService(Service):
         self.pool.stop()
         _log.info("stopped in {seconds:.1f}s: every accepted event is stored or "
                   "dead-lettered", seconds=self.reactor.seconds() - started_at)
-
-    def _ignore_further_signals(self) -> None:
-        """A second SIGTERM or SIGINT must not cut the stop short: log it
-        instead (Twisted's own handler would only complain)."""
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def again(signum: int, frame: object) -> None:
-            _log.warn("already stopping: waiting for uploads to finish or be "
-                      "dead-lettered (at most SHUTDOWN_TIMEOUT={timeout}s)",
-                      timeout=self.settings.shutdown_timeout)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(signum, again)
-            except (ValueError, OSError):
-                pass
 
     def _deadline_passed(self) -> None:
         _log.warn("shutdown deadline of {seconds}s reached: cancelling uploads, "

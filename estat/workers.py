@@ -38,6 +38,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from estat.config import ConfigError, Settings
+from estat.service import ignore_further_signals
 from estat.web import HealthResource, NotFoundResource, Root
 
 _log = Logger()
@@ -188,6 +189,7 @@ class WorkerSupervisor(Service):
         """SIGTERM every worker (each drains as a single server does) and
         wait; one still running long after SHUTDOWN_TIMEOUT is killed."""
         self.stopping = True
+        ignore_further_signals(self.settings.shutdown_timeout)
         endings = [p.ended for p in self._protocols.values()]
         for index, process in list(self.workers.items()):
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -183,13 +184,31 @@ def read_bucket(client: Any, bucket: str = BUCKET) -> list[Found]:
     return found
 
 
+def dlq_directories(directory: str) -> list[str]:
+    """DLQ_DIR and, with --workers, its per-worker subfolders w<i>."""
+    if not os.path.isdir(directory):
+        return []
+    workers = [os.path.join(directory, name) for name in sorted(os.listdir(directory))
+               if re.fullmatch(r"w\d+", name)]
+    return workers or [directory]
+
+
 def read_dlq(directory: str) -> tuple[list[Found], list[str]]:
     """Every committed DLQ entry (`<name>/data.gz` + `<name>/meta.json`,
-    see estat/dlqdisk.py), and the names under quarantine/."""
+    see estat/dlqdisk.py), and the names under quarantine/, in DLQ_DIR or
+    its worker subfolders."""
     found: list[Found] = []
     quarantined: list[str] = []
-    if not os.path.isdir(directory):
-        return found, quarantined
+    for folder in dlq_directories(directory):
+        entries, broken = _read_dlq_folder(folder)
+        found.extend(entries)
+        quarantined.extend(broken)
+    return found, quarantined
+
+
+def _read_dlq_folder(directory: str) -> tuple[list[Found], list[str]]:
+    found: list[Found] = []
+    quarantined: list[str] = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if name == "quarantine":
@@ -338,13 +357,21 @@ def reconcile(title: str, outcomes: Iterable[Outcome], objects: list[Found],
 # --- the harness ------------------------------------------------------------
 
 
+_WORKER_LABEL = re.compile(r'([{,])worker="\d+"(,?)')
+
+
+def _drop_worker(match: "re.Match[str]") -> str:
+    opening, comma = match.group(1), match.group(2)
+    return opening if opening == "{" or comma else ""
+
+
 class Harness:
     """moto, a FaultProxy in front of it and an estat server storing to the
     bucket through the proxy, all stopped by the test's cleanups."""
 
     def __init__(self, test: Any, env: Optional[dict[str, str]] = None) -> None:
         self.test = test
-        self.overrides = env or {}
+        self.overrides = {**getattr(test, "extra_env", {}), **(env or {})}
         self.workdir = ""
         self.moto: Optional[MotoServer] = None
         self.proxy: Optional[FaultProxy] = None
@@ -406,17 +433,23 @@ class Harness:
         return load
 
     def dlq_entries(self) -> int:
-        """Committed entries in DLQ_DIR now."""
+        """Committed entries in DLQ_DIR (or its worker subfolders) now."""
         try:
-            return sum(1 for n in os.listdir(self.dlq_dir)
+            return sum(1 for folder in dlq_directories(self.dlq_dir)
+                       for n in os.listdir(folder)
                        if not n.startswith(".") and n != "quarantine")
         except FileNotFoundError:
             return 0
 
     def metric(self, name: str) -> float:
-        """One sample of the server's /metrics (0 if absent)."""
+        """One sample of the server's /metrics (0 if absent), summed over
+        workers when the server runs several."""
         assert self.server is not None
-        return self.server.metrics().get(name, 0.0)
+        total = 0.0
+        for sample, value in self.server.metrics().items():
+            if _WORKER_LABEL.sub(_drop_worker, sample).replace("{}", "") == name:
+                total += value
+        return total
 
     @inlineCallbacks
     def wait_for_dlq(self, predicate: Any, timeout: float, what: str):  # type: ignore[no-untyped-def]

@@ -199,6 +199,13 @@ class Reconcile(unittest.TestCase):
         self.assertEqual(via_dlq, 0, report.table())
 
 
+class ReconcileWithWorkers(Reconcile):
+    """The same scenarios with `--workers 2`: two worker processes share the
+    port, each with its own pipeline and DLQ subfolder."""
+
+    extra_env = {"WORKERS": "2"}
+
+
 class ReconcileArithmetic(unittest.TestCase):
     """The reconciliation itself can fail: loss, duplicates and phantoms
     are caught (no processes here)."""
