@@ -3,6 +3,8 @@ registry. Labelled children used on hot paths are looked up once here."""
 
 from __future__ import annotations
 
+from typing import Any, Iterator, Optional, Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,6 +14,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily
 
 REJECT_REASONS = (
     "too_large",
@@ -45,6 +48,55 @@ DLQ_DROP_REASONS = ("over_budget", "save_error")
 PUT_OUTCOMES = ("ok", "retryable", "permanent")
 
 
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class ReactorCounter:
+    """A counter that only the reactor thread touches (the request path):
+    an increment is a float add, where prometheus-client's Counter takes a
+    lock. Same `labels(...).inc()` interface; exported as `<name>_total`."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
+                 registry: Optional[CollectorRegistry] = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Count] = {}
+        if not self.labelnames:
+            self._children[()] = _Count()
+        if registry is not None:
+            registry.register(self)  # type: ignore[arg-type]
+
+    def labels(self, **labels: Any) -> _Count:
+        key = tuple(str(labels[name]) for name in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = _Count()
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        self._children[()].inc(amount)
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        for key, child in list(self._children.items()):
+            family.add_metric(list(key), child.value)
+        yield family
+
+
 class Metrics:
     """The server's metrics on one registry (a fresh one per test)."""
 
@@ -55,12 +107,12 @@ class Metrics:
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
         r = registry
-        self.http_requests = Counter(
+        self.http_requests = ReactorCounter(
             "estat_http_requests", "HTTP requests answered on the ingest listener, by status code",
             ["code"], registry=r)
-        self.events_accepted = Counter(
+        self.events_accepted = ReactorCounter(
             "estat_events_accepted", "Events answered 202 and queued", registry=r)
-        self.events_rejected = Counter(
+        self.events_rejected = ReactorCounter(
             "estat_events_rejected", "Requests refused, by reason", ["reason"], registry=r)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason=reason)

@@ -43,7 +43,7 @@ class BoundedRequest(Request):
     `is_batch` whether it is NDJSON, `body_problem` an error name when the
     body could not be read (bad gzip, unknown Content-Encoding)."""
 
-    _parsePOSTFormSubmission = False
+    defaultContentType = b"application/json"  # every answer here is JSON
     _refused = False
     _received = 0
     _limit = 0
@@ -52,6 +52,11 @@ class BoundedRequest(Request):
     media_type = b""
     is_batch = False
     body_problem: Optional[str] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Never parse form bodies (Twisted would, on every POST).
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
 
     def gotLength(self, length: Optional[int]) -> None:
         state = self.channel.site.state

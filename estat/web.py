@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -82,9 +83,13 @@ class IngestState:
         return origin if origin in self.cors_origins else None
 
 
+_JSON = b"application/json"
+
+
 def _answer(request: Request, code: int, body: bytes) -> bytes:
     request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
+    if request.defaultContentType != _JSON:  # BoundedRequest already says JSON
+        request.setHeader(b"content-type", _JSON)
     return body
 
 
@@ -279,18 +284,19 @@ class NotFoundResource(Resource):
 
 
 class Root(Resource):
-    """Routes exact paths to their resources; everything else is 404."""
+    """Routes exact paths (`/collect`, not `/collect/`) to their resources;
+    everything else is 404. A leaf, so Twisted skips its per-segment
+    resource traversal."""
+
+    isLeaf = True
 
     def __init__(self, routes: dict[bytes, Resource], fallback: Resource) -> None:
         super().__init__()
-        self.routes = routes
+        self.routes = {b"/" + path: resource for path, resource in routes.items()}
         self.fallback = fallback
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        resource = self.routes.get(path)
-        if resource is None or request.postpath:
-            return self.fallback
-        return resource
+    def render(self, request: Request) -> Any:
+        return self.routes.get(request.path, self.fallback).render(request)
 
 
 class TrackedChannel(HTTPChannel):
@@ -299,7 +305,7 @@ class TrackedChannel(HTTPChannel):
     a whole request must arrive within REQUEST_TIMEOUT of its first byte
     (slow clients get 408), and header limits are answered with 431."""
 
-    _deadline: Any = None
+    _request_started: Optional[float] = None
 
     def connectionMade(self) -> None:
         site = self.factory
@@ -310,29 +316,27 @@ class TrackedChannel(HTTPChannel):
         site.channels.add(self)
 
     def connectionLost(self, reason: Failure) -> None:
-        self._cancel_deadline()
+        self._request_started = None
         super().connectionLost(reason)
         self.factory.channel_closed(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and not self._handlingRequest:
-            self._deadline = self.callLater(self.factory.request_timeout, self._too_slow)
+        # The first byte of a request starts its clock; the site's reaper
+        # (not a timer per request, which would cost more than the request)
+        # answers 408 to requests still arriving after REQUEST_TIMEOUT.
+        if self._request_started is None and not self._handlingRequest:
+            self._request_started = self.factory.reactor.seconds()
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
-        self._cancel_deadline()
+        self._request_started = None
         super().allContentReceived()
 
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        self._refuse(408, b"Request Timeout", "request_timeout",
-                     seconds=self.factory.request_timeout)
+    def reap_if_late(self, now: float, timeout: float) -> None:
+        started = self._request_started
+        if started is not None and now - started > timeout:
+            self._request_started = None
+            self._refuse(408, b"Request Timeout", "request_timeout", seconds=timeout)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted's answer to a malformed request or too many or too large
@@ -409,6 +413,8 @@ class IngestSite(Site):
         state.metrics.open_connections.set_function(lambda: len(self.channels))
 
     def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
+        if self._reaper is None:
+            self._start_reaper()
         if len(self.channels) >= self.max_connections:
             self.state.count_rejected("too_many_connections")
             self.state.count_response(503)
@@ -417,6 +423,26 @@ class IngestSite(Site):
 
     def log(self, request: Request) -> None:
         """No per-request access log: it would cost more than the request."""
+
+    _reaper: Optional[LoopingCall] = None
+
+    def _start_reaper(self) -> None:
+        """Check a few times per REQUEST_TIMEOUT for requests arriving too
+        slowly; a 408 comes at most a quarter of the timeout late."""
+        reaper = self._reaper = LoopingCall(self._reap)
+        reaper.clock = self.reactor
+        reaper.start(min(1.0, self.request_timeout / 4), now=False)
+
+    def _reap(self) -> None:
+        now = self.reactor.seconds()
+        for channel in list(self.channels):
+            channel.reap_if_late(now, self.request_timeout)
+
+    def stopFactory(self) -> None:
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        self._reaper = None
+        super().stopFactory()
 
     def close_connections(self, grace: float) -> "Deferred[None]":
         """Close idle connections now; let busy ones finish their request
