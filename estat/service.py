@@ -182,8 +182,9 @@ class IngestService(Service):
             store=self._store_description())
 
     def _store_description(self) -> str:
-        if self.settings.s3_bucket:
-            return f"s3://{self.settings.s3_bucket}"
+        location = getattr(self.store, "location", None)
+        if location is not None:
+            return str(location.describe())
         return f"local:{self.store.root}"  # type: ignore[attr-defined]
 
     def stopService(self) -> "Deferred[None]":
