@@ -130,7 +130,7 @@ class IngestService(Service):
         if self.write_keys is None:
             _log.warn("no AUTH_TOKENS_FILE: anyone who can reach {listen} can write events",
                       listen=", ".join(self.settings.listen))
-        elif self.own_signals:
+        if self.own_signals:
             self._reload_keys_on_sighup()
         self._started = self._start()
 
@@ -143,8 +143,11 @@ class IngestService(Service):
         signal.signal(signal.SIGHUP, on_sighup)
 
     def reload_keys(self) -> None:
-        """Re-read AUTH_TOKENS_FILE; keep the old keys if it is broken."""
-        assert self.write_keys is not None
+        """Re-read AUTH_TOKENS_FILE; keep the old keys if it is broken.
+        (SIGHUP must never stop the server, whatever is configured.)"""
+        if self.write_keys is None:
+            _log.info("SIGHUP: nothing to reload (AUTH_TOKENS_FILE is not set)")
+            return
         try:
             count = self.write_keys.reload()
         except TokensFileError as error:

@@ -139,8 +139,27 @@ class WorkerSupervisor(Service):
         d = endpoints.serverFromString(self.reactor, self.settings.admin_listen).listen(site)
         d.addCallback(lambda port: setattr(self, "admin_port", port))
         d.addErrback(self._cannot_start)
+        self._forward_sighup()
         _log.info("supervising {workers} workers on {listen}", workers=self.settings.workers,
                   listen=", ".join(self.settings.listen))
+
+    def _forward_sighup(self) -> None:
+        """SIGHUP (systemctl reload) reaches every worker, which reloads its
+        write keys; the parent itself must not die of it."""
+        import signal
+
+        def on_sighup(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self._signal_workers, "HUP")
+
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    def _signal_workers(self, name: str) -> None:
+        _log.info("forwarding SIG{name} to {count} workers", name=name, count=len(self.workers))
+        for process in list(self.workers.values()):
+            try:
+                process.signalProcess(name)
+            except Exception:  # already gone
+                pass
 
     def _cannot_start(self, failure: Failure) -> None:
         _log.critical("cannot start: {error}; stopping", error=str(failure.value))

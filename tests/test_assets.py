@@ -318,8 +318,7 @@ class SystemdUnitTests(TestCase):
             self.assertEqual(settings["Service.KillSignal"], ["SIGTERM"], path)
             self.assertIn("143", settings["Service.SuccessExitStatus"][-1].split(), path)
             reload = settings["Service.ExecReload"][-1]
-            self.assertIn("/bin/kill -HUP", reload, path)
-            self.assertIn("$$AUTH_TOKENS_FILE", reload, path)
+            self.assertEqual(reload, "/bin/kill -HUP $MAINPID", path)
             self.assertEqual(settings["Service.StateDirectory"], ["estat-ingest"], path)
             environment = settings["Service.Environment"]
             self.assertIn("DLQ_DIR=/var/lib/estat-ingest/dlq", environment, path)

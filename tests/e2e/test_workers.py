@@ -50,22 +50,35 @@ class WorkersEndToEnd(unittest.TestCase):
                          and len(worker_pids(server)) == 2, 20, what="worker 0 restarted")
         yield poll_until(lambda: server.metrics().get('estat_ready{worker="0"}') == 1, 20,
                          what="worker 0 ready again")
+        pids = worker_pids(server)
         sent = 0
-        for _ in range(40):  # new connections, so both workers get some
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            for _ in range(5):
-                connection.request("POST", "/collect", body=json.dumps({"id": sent}),
-                                   headers={"Content-Type": "application/json"})
-                response = connection.getresponse()
-                response.read()
-                self.assertEqual(response.status, 202)
-                sent += 1
-            connection.close()
+
+        def post_events(count: int) -> None:
+            nonlocal sent
+            for _ in range(count // 5):
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                for _ in range(5):
+                    connection.request("POST", "/collect", body=json.dumps({"id": sent}),
+                                       headers={"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    response.read()
+                    self.assertEqual(response.status, 202)
+                    sent += 1
+                connection.close()
+
+        # Which process accepts a connection on a shared socket is up to the
+        # kernel; pausing one worker makes the other take them all, which
+        # shows each really serves the port.
+        for paused, serving in ((1, 0), (0, 1)):
+            os.kill(pids[paused], signal.SIGSTOP)
+            try:
+                post_events(50)
+            finally:
+                os.kill(pids[paused], signal.SIGCONT)
         metrics = server.metrics()
         per_worker = [metrics.get(f'estat_events_accepted_total{{worker="{i}"}}', 0)
                       for i in (0, 1)]
-        self.assertEqual(sum(per_worker), sent, metrics)
-        self.assertTrue(all(count > 0 for count in per_worker), per_worker)
+        self.assertEqual(per_worker, [50, 50], metrics)
         code = yield server.stop()
         self.assertIn(code, (0, -15), server.output())
         objects = read_objects(os.path.join(workdir, "objects"))
@@ -89,3 +102,36 @@ class MergeTests(unittest.TestCase):
         self.assertIn('estat_events_accepted_total{worker="1"} 4.0', merged)
         self.assertIn('estat_events_rejected_total{reason="queue_full",worker="1"} 1.0', merged)
         self.assertEqual(merged.count("# TYPE estat_events_accepted_total counter"), 1)
+
+
+class SighupTests(unittest.TestCase):
+    """SIGHUP (systemctl reload) must never stop the server."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def check_survives_sighup(self, env, expected_log):
+        workdir = make_workdir(self)
+        server = EstatServer(workdir, env={"FLUSH_INTERVAL": "0.2", **env})
+        yield server.start()
+        self.addCleanup(lambda: server.proc.kill())
+        server.proc.signal(signal.SIGHUP)
+        yield poll_until(lambda: expected_log in server.output() or not server.proc.running(),
+                         10, what="the SIGHUP to be handled")
+        self.assertTrue(server.proc.running(), server.output())
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        connection.request("POST", "/collect", body=b'{"after":"hup"}',
+                           headers={"Content-Type": "application/json"})
+        self.assertEqual(connection.getresponse().status, 202)
+        connection.close()
+        code = yield server.stop()
+        self.assertIn(code, (0, -15), server.output())
+        lines = [line for _, lines in read_objects(os.path.join(workdir, "objects"))
+                 for line in lines]
+        self.assertEqual([line["body"] for line in lines], [{"after": "hup"}])
+
+    def test_single_process_without_keys(self):
+        return self.check_survives_sighup({}, "nothing to reload")
+
+    def test_workers_forward_it(self):
+        return self.check_survives_sighup({"WORKERS": "2"}, "nothing to reload")
