@@ -1,6 +1,8 @@
 """Child processes for the benchmark: each in its own process group, all
 registered so that `stop_all` ends every one of them (on error or Ctrl-C),
-plus the /proc readings the table reports (CPU seconds, peak RSS)."""
+plus the /proc readings the table reports (CPU seconds, peak RSS), for one
+process or for a process and its children (`--workers N`: the twistd
+parent and its worker processes)."""
 
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ class Child:
         self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.process.pid
+        # True when something of the child's process group (a worker, say)
+        # was still alive after the child itself exited and had to be killed.
+        self.left_behind = False
         _STARTED.append(self)
 
     def running(self) -> bool:
@@ -91,9 +96,11 @@ class Child:
             _STARTED.remove(self)
 
     def _reap_group(self) -> None:
-        """Leftover grandchildren (if any) go with the group."""
+        """Leftover grandchildren (if any) go with the group; `left_behind`
+        records that there were some (killpg fails once the group is empty)."""
         try:
             os.killpg(self.pid, signal.SIGKILL)
+            self.left_behind = True
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -116,6 +123,47 @@ def wait_until(predicate, timeout: float, what: str, child: Optional[Child] = No
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (from the PPid line of /proc/*/status)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as handle:
+                for line in handle:
+                    if line.startswith("PPid:"):
+                        if int(line.split()[1]) == pid:
+                            found.append(int(name))
+                        break
+        except OSError:  # gone meanwhile
+            continue
+    return sorted(found)
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """{pid: utime + stime} of `pid` and of each of its children (the
+    workers of `--workers N`); a process that exits meanwhile is left out."""
+    readings = {}
+    for each in [pid] + children(pid):
+        try:
+            readings[each] = cpu_seconds(each)
+        except OSError:
+            continue
+    return readings
+
+
+def tree_peak_rss_mib(pid: int) -> float:
+    """VmHWM of `pid` plus that of each of its children, in MiB."""
+    total = 0.0
+    for each in [pid] + children(pid):
+        try:
+            total += peak_rss_mib(each)
+        except OSError:
+            continue
+    return total
 
 
 def cpu_seconds(pid: int) -> float:

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # every scenario, 10 s each
     .venv/bin/python bench/run.py --quick    # 3 s each, a smoke run
     .venv/bin/python bench/run.py --scenarios baseline,single-local -d 20
+    .venv/bin/python bench/run.py --workers 1,2   # each estat scenario per worker count
 
 Runs wrk on loopback against a bare twisted.web baseline and against
 `twistd -n estat-ingest` (local store and a moto S3 server), then prints one
@@ -25,8 +26,8 @@ from typing import Any, Callable, Optional
 
 import loadgen
 import procs
-from servers import Baseline, Estat
-from stores import Moto, count_files, count_local_events
+from servers import Baseline, Estat, parse_metrics
+from stores import Moto, count_files, count_local_events, list_local_objects
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = ("baseline", "single-local", "batch-local", "single-s3", "batch-s3")
@@ -41,6 +42,7 @@ class Row:
 
     scenario: str
     store: str
+    workers: Optional[int] = None  # estat rows: WORKERS of the server
     rps: Optional[float] = None
     ratio: Optional[float] = None
     cpu_ratio: Optional[float] = None
@@ -66,6 +68,7 @@ class Options:
     connections: int
     threads: int
     scenarios: list[str]
+    workers: list[int]
     event_queue_size: int
     results_dir: str
 
@@ -74,23 +77,36 @@ class Options:
 
 
 def measure(wrk: str, url: str, script: str, pid: int, opts: Options,
-            logdir: str) -> tuple[loadgen.WrkResult, float]:
-    """Run wrk against `url`; return its result and the server's CPU seconds."""
-    cpu_before = procs.cpu_seconds(pid)
+            logdir: str, notes: Optional[list[str]] = None) -> tuple[loadgen.WrkResult, float]:
+    """Run wrk against `url`; return its result and the server's CPU seconds:
+    those of `pid` and of its children (the workers of `--workers N`), read
+    before and after the load. A child that appears or goes in between (a
+    worker restarted) is noted in `notes`: its CPU is then only partly counted."""
+    cpu_before = procs.tree_cpu_seconds(pid)
     result = loadgen.run_wrk(wrk, url, script, opts.duration, opts.connections,
                              opts.threads, os.path.join(logdir, "wrk.log"))
     time.sleep(0.3)  # let the server finish requests wrk abandoned at the end
-    return result, procs.cpu_seconds(pid) - cpu_before
+    cpu_after = procs.tree_cpu_seconds(pid)
+    if set(cpu_before) != set(cpu_after) and notes is not None:
+        notes.append(f"server processes changed during the load ({sorted(cpu_before)} -> "
+                     f"{sorted(cpu_after)}): a worker died or was restarted; CPU s is partial")
+    return result, sum(cpu_after[p] - cpu_before.get(p, 0.0) for p in cpu_after)
 
 
 def fill_from_wrk(row: Row, result: loadgen.WrkResult, cpu_s: float) -> None:
-    """The columns wrk and /proc give for every scenario."""
+    """The columns wrk and /proc give for every scenario. With N workers
+    `cpu_s` sums N + 1 processes and may exceed the duration; the "only X%
+    of a core" note still means the server waited."""
     row.rps = result.rps
     row.p50_ms, row.p99_ms = result.p50_ms, result.p99_ms
     row.cpu_s = cpu_s
     row.wrk_cpu_s = result.wrk_cpu_s
     row.cpu_us_per_req = cpu_s / result.requests * 1e6 if result.requests else None
     share = cpu_s / result.duration_s if result.duration_s else 0.0
+    if row.workers and row.workers > 1:
+        row.notes.append(f"the {row.workers} worker processes and their parent used "
+                         f"{share:.2f} cores in all, wrk {result.wrk_cpu_s / result.duration_s:.2f}"
+                         f" (of {os.cpu_count()})")
     if share < 0.8:
         row.notes.append(f"the server used only {share:.0%} of a core during the run: "
                          "it waited (on wrk, the store, or a busy machine)")
@@ -123,21 +139,22 @@ def run_baseline(wrk: str, opts: Options, logdir: str, stock: bool = False) -> R
 
 
 def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
-              moto: Optional[Moto]) -> Row:
-    """`single` or `batch` against estat-ingest with the local or S3 store."""
-    row = Row(kind, store)
+              moto: Optional[Moto], workers: int = 1) -> Row:
+    """`single` or `batch` against estat-ingest with the local or S3 store,
+    run with `workers` worker processes."""
+    row = Row(kind, store, workers=workers)
     body, ctype = ((loadgen.single_event(), loadgen.JSON_TYPE) if kind == "single"
                    else (loadgen.ndjson_batch(BATCH_EVENTS), loadgen.NDJSON_TYPE))
     script = loadgen.write_script(logdir, kind, body, ctype)
-    datadir = tempfile.mkdtemp(prefix=f"estat-bench-{kind}-{store}-")
+    datadir = tempfile.mkdtemp(prefix=f"estat-bench-{kind}-{store}-w{workers}-")
     env = {"EVENT_QUEUE_SIZE": str(opts.event_queue_size), "SHUTDOWN_TIMEOUT": "60"}
-    bucket = f"bench-{kind}-{int(time.time())}"
+    bucket = f"bench-{kind}-w{workers}-{int(time.time())}"
     if moto is not None:
         moto.create_bucket(bucket)
         env.update(moto.server_env(bucket))
     server: Optional[Estat] = None
     try:
-        server = Estat(logdir, datadir, env)
+        server = Estat(logdir, datadir, env, workers)
         status = loadgen.probe(server.url, body, ctype)
         if status == 415:
             server.stop(30)
@@ -145,11 +162,26 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
             return row
         if status != 202:
             row.notes.append(f"probe POST answered {status} (expected 202)")
+        if workers > 1:
+            found = len(procs.children(server.child.pid))
+            if found != workers:
+                row.notes.append(f"{found} worker processes found under twistd, not {workers}")
         before = server.metrics()
-        result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir)
-        after = server.metrics()
-        row.peak_rss_mib = procs.peak_rss_mib(server.child.pid)
+        result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir,
+                                row.notes)
+        after_text = server.metrics_text()
+        row.peak_rss_mib = (procs.tree_peak_rss_mib(server.child.pid) if workers > 1
+                            else procs.peak_rss_mib(server.child.pid))
         code = server.stop(120)
+        after, per_worker = parse_metrics(after_text)
+        if workers > 1:
+            name = "estat_events_accepted_total"
+            row.notes.append("accepted per worker: " + ", ".join(
+                f"w{w} {int(per_worker[w].get(name, 0)):,d}" for w in sorted(per_worker)))
+            if len(per_worker) != workers:
+                row.notes.append(f"/metrics showed {len(per_worker)} workers, not {workers}")
+        if server.child.left_behind:
+            row.notes.append("processes of the server's group outlived twistd and were killed")
         fill_from_wrk(row, result, cpu_s)
         account(row, result, before, after, kind)
         if code not in CLEAN_STOP_CODES:
@@ -159,6 +191,11 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         else:
             objects, row.stored = count_local_events(server.output_dir)
         row.notes.append(f"{objects} objects")
+        if workers > 1:
+            keys = (moto.keys(bucket) if moto is not None
+                    else list_local_objects(server.output_dir))
+            by_worker = {i: sum(f"-w{i}-" in k for k in keys) for i in range(workers)}
+            row.notes[-1] += " (" + ", ".join(f"w{i} {n}" for i, n in by_worker.items()) + ")"
         dlq = count_files(server.dlq_dir)
         if dlq:
             row.notes.append(f"{dlq} files left in the dead-letter directory")
@@ -206,18 +243,27 @@ def fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(rows: list[Row]) -> str:
-    """The markdown table, then one line per anomaly or note."""
+def table(rows: list[Row], show_workers: bool = False) -> str:
+    """The markdown table, then one line per anomaly or note; with
+    `show_workers` (`--workers` other than 1) a `workers` column too."""
     head = ("| scenario | store | req/s | × baseline | × baseline by CPU | events/s | non-2xx | p50 ms | p99 ms "
             "| server CPU s | CPU µs/req | peak RSS MiB | accepted | stored | accepted = stored |")
-    lines = [head, "|" + "---|" * 15]
+    columns = 15
+    if show_workers:
+        head = head.replace("| store |", "| store | workers |")
+        columns += 1
+    lines = [head, "|" + "---|" * columns]
     for r in rows:
+        workers = f" {fmt(r.workers, 'd')} |" if show_workers else ""
         lines.append(
-            f"| {r.scenario} | {r.store} | {fmt(r.rps, ',.0f')} | {fmt(r.ratio, '.2f')} | {fmt(r.cpu_ratio, '.2f')} "
+            f"| {r.scenario} | {r.store} |{workers} {fmt(r.rps, ',.0f')} | {fmt(r.ratio, '.2f')} | {fmt(r.cpu_ratio, '.2f')} "
             f"| {fmt(r.events_per_s, ',.0f')} | {r.non_2xx or '-'} | {fmt(r.p50_ms, '.2f')} "
             f"| {fmt(r.p99_ms, '.2f')} | {fmt(r.cpu_s, '.1f')} | {fmt(r.cpu_us_per_req, '.0f')} | {fmt(r.peak_rss_mib, '.0f')} "
             f"| {fmt(r.accepted, ',d')} | {fmt(r.stored, ',d')} | {r.check} |")
-    notes = [f"- {r.scenario}/{r.store}: {note}" for r in rows for note in r.notes]
+    def where(r: Row) -> str:
+        return f"{r.scenario}/{r.store}" + (f"/{r.workers}w" if show_workers and r.workers else "")
+
+    notes = [f"- {where(r)}: {note}" for r in rows for note in r.notes]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -227,9 +273,7 @@ def table(rows: list[Row]) -> str:
 def parse_args(argv: list[str]) -> Options:
     parser = argparse.ArgumentParser(
         description="Benchmark estat-ingest against a bare twisted.web baseline with wrk "
-                    "(loopback only).",
-        epilog="There is no --workers yet: multi-core workers (issue 6, section 4) are "
-               "not built.")
+                    "(loopback only).")
     parser.add_argument("-d", "--duration", type=float, default=10.0,
                         help="seconds of load per scenario (default 10)")
     parser.add_argument("--quick", action="store_true",
@@ -244,6 +288,10 @@ def parse_args(argv: list[str]) -> Options:
                              + " (default: all of them); 'single', 'batch', 'local' and "
                              "'s3' select groups; 'baseline-stock' (opt-in) is the "
                              "baseline on Twisted's default Request and Site")
+    parser.add_argument("-w", "--workers", default="1",
+                        help="comma-separated worker counts, e.g. 1,2 (default 1): every "
+                             "estat scenario runs once per count (WORKERS=N), the baseline "
+                             "once; wrk shares the cores with the workers")
     parser.add_argument("--event-queue-size", type=int, default=100_000,
                         help="EVENT_QUEUE_SIZE of the server (default 100000)")
     parser.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"),
@@ -252,7 +300,32 @@ def parse_args(argv: list[str]) -> Options:
     return Options(
         duration=3.0 if args.quick else args.duration, connections=args.connections,
         threads=args.threads, scenarios=select(args.scenarios),
+        workers=worker_counts(args.workers, parser),
         event_queue_size=args.event_queue_size, results_dir=args.results_dir)
+
+
+def worker_counts(spec: str, parser: argparse.ArgumentParser) -> list[int]:
+    """Distinct positive worker counts from a comma-separated spec, in order."""
+    counts: list[int] = []
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        try:
+            count = int(item)
+        except ValueError:
+            count = 0
+        if count < 1:
+            parser.error(f"--workers: {item.strip()!r} is not a positive integer")
+        if count not in counts:
+            counts.append(count)
+    if not counts:
+        parser.error("--workers: give at least one count")
+    return counts
+
+
+def show_workers(opts: Options) -> bool:
+    """The workers column is there unless every estat row has one worker."""
+    return opts.workers != [1]
 
 
 def select(spec: str) -> list[str]:
@@ -268,19 +341,21 @@ def select(spec: str) -> list[str]:
 
 
 def run_one(name: str, wrk: str, opts: Options, rundir: str,
-            get_moto: Callable[[], Moto]) -> Row:
-    """One scenario; an error becomes a row that says what failed."""
-    logdir = os.path.join(rundir, name)
+            get_moto: Callable[[], Moto], workers: Optional[int] = None) -> Row:
+    """One scenario (estat ones with `workers`); an error becomes a row that
+    says what failed."""
+    label = name + (f"-w{workers}" if workers and show_workers(opts) else "")
+    logdir = os.path.join(rundir, label)
     os.makedirs(logdir, exist_ok=True)
-    print(f"== {name} ({opts.duration:g} s) ...", flush=True)
+    print(f"== {label} ({opts.duration:g} s) ...", flush=True)
     kind, _, store = name.partition("-")
     try:
         if name in ("baseline", "baseline-stock"):
             return run_baseline(wrk, opts, logdir, stock=name == "baseline-stock")
         moto = get_moto() if store == "s3" else None
-        return run_estat(wrk, opts, logdir, kind, store, moto)
+        return run_estat(wrk, opts, logdir, kind, store, moto, workers or 1)
     except (RuntimeError, OSError, ValueError) as error:
-        row = Row(kind, store or "-", check=f"**FAILED** (see {logdir})")
+        row = Row(kind, store or "-", workers=workers, check=f"**FAILED** (see {logdir})")
         row.notes.append(str(error).splitlines()[0] if str(error) else repr(error))
         print(f"   {name} failed: {error}", flush=True)
         return row
@@ -301,7 +376,11 @@ def run(opts: Options) -> list[Row]:
     rows: list[Row] = []
     try:
         for name in opts.scenarios:
-            rows.append(run_one(name, wrk, opts, rundir, get_moto))
+            if name.startswith("baseline"):
+                rows.append(run_one(name, wrk, opts, rundir, get_moto))
+                continue
+            for workers in opts.workers:  # side by side: 1 and 2 workers minutes apart
+                rows.append(run_one(name, wrk, opts, rundir, get_moto, workers))
     finally:
         for m in moto:
             m.stop()
@@ -330,7 +409,7 @@ def save(rundir: str, opts: Options, rows: list[Row]) -> None:
         json.dump({"options": asdict(opts), "rows": [asdict(r) for r in rows]}, handle,
                   indent=2)
     with open(os.path.join(rundir, "table.md"), "w") as handle:
-        handle.write(table(rows) + "\n")
+        handle.write(table(rows, show_workers(opts)) + "\n")
     print(f"(raw results in {rundir})", flush=True)
 
 
@@ -341,9 +420,11 @@ def _terminate(signum: int, frame: Any) -> None:
 def header(opts: Options, load: str) -> str:
     """The line above the table: how the load was made, and how busy the
     machine was before the run."""
+    workers = (f"; estat with {', '.join(map(str, opts.workers))} workers"
+               if show_workers(opts) else "")
     return (f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s per scenario, "
-            f"loopback, {os.cpu_count()} cores shared by wrk and the server; load average "
-            f"before the run: {load}")
+            f"loopback, {os.cpu_count()} cores shared by wrk and the server{workers}; load "
+            f"average before the run: {load}")
 
 
 def main(argv: list[str]) -> int:
@@ -361,7 +442,7 @@ def main(argv: list[str]) -> int:
     print()
     print(header(opts, load))
     print()
-    print(table(rows))
+    print(table(rows, show_workers(opts)))
     return 1 if any("MISMATCH" in r.check or "FAILED" in r.check for r in rows) else 0
 
 

@@ -59,6 +59,12 @@ class Moto:
                 lines += count_lines(data)
         return objects, lines
 
+    def keys(self, bucket: str) -> list[str]:
+        """Every object key in the bucket."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        return [item["Key"] for page in paginator.paginate(Bucket=bucket)
+                for item in page.get("Contents", [])]
+
     def stop(self) -> None:
         self.child.terminate(10)
 
@@ -80,6 +86,13 @@ def count_local_events(root: str) -> tuple[int, int]:
                     lines += count_lines(handle.read())
                 objects += 1
     return objects, lines
+
+
+def list_local_objects(root: str) -> list[str]:
+    """Paths (relative to `root`) of every `.jsonl.gz` under `root`."""
+    return [os.path.relpath(os.path.join(directory, name), root)
+            for directory, _, names in os.walk(root)
+            for name in names if name.endswith(".jsonl.gz")]
 
 
 def count_files(root: str) -> int:
