@@ -114,15 +114,17 @@ class Subprocess:
 class MotoServer:
     """A real moto S3 server on a free loopback port, as a subprocess."""
 
-    def __init__(self, workdir: str, port: Optional[int] = None) -> None:
+    def __init__(self, workdir: str, port: Optional[int] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.extra_env = env or {}
         self.proc: Optional[Subprocess] = None
 
     @inlineCallbacks
     def start(self):  # type: ignore[no-untyped-def]
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         self.proc = Subprocess(
             [os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
             env, self.workdir, os.path.join(self.workdir, f"moto-{self.port}.log"))

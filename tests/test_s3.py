@@ -45,7 +45,7 @@ from estat.s3 import (
 from estat.s3_errors import S3ErrorBody, classify_exception, classify_response, parse_error_body
 from estat.store import PermanentStoreError, RetryableStoreError
 from estat.tap import validate_environment
-from tests.support import VENV_BIN, MotoServer, Subprocess, http_status, make_workdir, poll_until
+from tests.support import MotoServer, make_workdir
 
 TS_MS = 1_700_000_000_123  # 2023-11-14 22:13:20 UTC
 
@@ -554,16 +554,8 @@ class AuthMotoServer(MotoServer):
 
     free_actions = 3
 
-    @inlineCallbacks
-    def start(self):  # type: ignore[no-untyped-def]
-        env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(self.free_actions))
-        self.proc = Subprocess(
-            [os.path.join(VENV_BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            env, self.workdir, os.path.join(self.workdir, f"moto-{self.port}.log"))
-        yield poll_until(lambda: http_status(self.endpoint + "/moto-api/") is not None
-                         or not self.proc.running(), 30, what="moto to listen")
-        if not self.proc.running():
-            raise AssertionError("moto_server exited:\n" + self.proc.output())
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir, env={"INITIAL_NO_AUTH_ACTION_COUNT": str(self.free_actions)})
 
     def client_for(self, service: str, key: str, secret: str) -> Any:
         from botocore.config import Config
