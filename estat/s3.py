@@ -49,6 +49,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, Res
 import estat
 from estat.config import ConfigError, Settings
 from estat.encode import EncodedObject, verify_gzip
+from estat.httpclient import quiet_connection_pool
 from estat.metrics import Metrics
 from estat.s3_errors import classify_exception, classify_response, parse_error_body
 from estat.store import PermanentStoreError, RetryableStoreError, StoreError
@@ -501,7 +502,7 @@ def make_s3_store(settings: Settings, reactor: Any, pool: ThreadPool, metrics: M
     session = session or botocore.session.Session()
     region = resolve_region(session, environ)
     location = resolve_location(settings, environ, region)
-    connection_pool = HTTPConnectionPool(reactor, persistent=True)
+    connection_pool = quiet_connection_pool(reactor, persistent=True)
     # One connection per upload in flight, plus the dead-letter re-upload.
     connection_pool.maxPersistentPerHost = settings.upload_concurrency + 1
     connection_pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS

@@ -255,10 +255,9 @@ class WorkerSupervisor(Service):
     def _make_agent(self) -> Any:
         """An HTTP agent whose `http://w<i>/…` URLs reach worker i's socket."""
         from twisted.internet.endpoints import UNIXClientEndpoint
-        from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+        from twisted.web.client import Agent
 
-        class QuietFactory(_HTTP11ClientFactory):
-            noisy = False
+        from estat.httpclient import quiet_connection_pool
 
         supervisor = self
 
@@ -268,8 +267,7 @@ class WorkerSupervisor(Service):
                 return UNIXClientEndpoint(
                     supervisor.reactor, admin_socket(supervisor.runtime_dir, index), timeout=2)
 
-        pool = HTTPConnectionPool(self.reactor, persistent=False)
-        pool._factory = QuietFactory
+        pool = quiet_connection_pool(self.reactor, persistent=False)
         return Agent.usingEndpointFactory(self.reactor, WorkerSockets(), pool=pool)
 
 
