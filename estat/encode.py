@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import orjson
 from isal import isal_zlib
 
 # isal level 1: about 6x the throughput of zlib level 1 at a slightly better
@@ -97,7 +98,21 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 def body_error(body: bytes) -> Optional[str]:
     """Why `body` cannot be stored as an event, or None when it is exactly
-    one JSON object (strict UTF-8, no NaN or Infinity, as RFC 8259 says)."""
+    one JSON object (strict UTF-8, no NaN or Infinity, as RFC 8259 says).
+
+    orjson decides most bodies about 3x faster than the stdlib; it refuses
+    a few things RFC 8259 allows (lone surrogate escapes, numbers beyond a
+    double), so what it refuses is judged again by the strict stdlib
+    decoder, and the verdict is exactly the spec's."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return strict_body_error(body)
+    return None if isinstance(value, dict) else "not_object"
+
+
+def strict_body_error(body: bytes) -> Optional[str]:
+    """body_error by the stdlib decoder alone (the reference verdict)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
 from estat.encode import (
-    Batch, body_error, encode_batch, encode_batch_safely, event_line, new_batch_id,
+    Batch, body_error, strict_body_error, encode_batch, encode_batch_safely, event_line, new_batch_id,
     object_key, verify_gzip, gzip_bytes,
 )
 
@@ -89,6 +89,8 @@ class EncodeTests(unittest.TestCase):
                              (b'{"a":1}x', "invalid_json")]:
             self.assertEqual(body_error(body), reason, body)
         self.assertEqual(body_error(b"[" * 100000 + b"]" * 100000), "too_deep")
+        # allowed by RFC 8259 though orjson refuses them: the fallback accepts
+        self.assertIsNone(body_error(b'{"lone":"\\ud800","big":1e400}'))
 
     def test_verify_gzip_detects_truncation_and_damage(self):
         data = gzip_bytes(b"hello\n" * 1000)
@@ -124,7 +126,22 @@ json_values = st.recursive(
     max_leaves=20)
 
 
+json_texts = st.recursive(
+    st.sampled_from([b"1", b"-0", b"1e400", b"1.5E-3", b"true", b"null", b"NaN", b"Infinity",
+                     b'"x"', b'"\\ud800"', b'"\\u00e9"', b'"\xc3\xa9"', b'"\xff"', b'"\x01"',
+                     b"01", b"1.", b"[]", b"{}", b" ", b"\n", b","]),
+    lambda inner: st.lists(inner, max_size=4).map(lambda xs: b"[" + b",".join(xs) + b"]")
+    | st.lists(st.tuples(st.sampled_from([b'"k"', b'"\xe6\x97\xa5"', b"k"]), inner), max_size=3)
+    .map(lambda kv: b"{" + b",".join(k + b":" + v for k, v in kv) + b"}"),
+    max_leaves=12)
+
+
 class EncodeProperties(unittest.TestCase):
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(json_texts, st.binary(max_size=30)))
+    def test_fast_validator_gives_the_strict_verdict(self, body):
+        self.assertEqual(body_error(body), strict_body_error(body), body)
+
     @settings(max_examples=150, deadline=None)
     @given(st.lists(st.dictionaries(st.text(max_size=10), json_values, max_size=5),
                     min_size=1, max_size=20), st.booleans(), st.booleans())
