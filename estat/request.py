@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from io import BytesIO
 from typing import Any, Optional
 
 from twisted.logger import Logger
@@ -37,6 +36,29 @@ def raw_error(code: int, phrase: bytes, error: str, **details: object) -> bytes:
             b"Content-Length: %d\r\n\r\n%s" % (code, phrase, len(body), body))
 
 
+class _NoContent:
+    """Stands for `request.content`, which Twisted seeks and closes: the
+    body lives in `BoundedRequest.body` instead (one object for all)."""
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def getvalue(self) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+_NO_CONTENT = _NoContent()
+
+
 class BoundedRequest(Request):
     """See the module docstring. After the body arrives: `body` holds it
     (inflated), `media_type` the lowercased type without parameters,
@@ -54,9 +76,8 @@ class BoundedRequest(Request):
     body_problem: Optional[str] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Never parse form bodies (Twisted would, on every POST).
-        kwargs["parsePOSTFormSubmission"] = False
         super().__init__(*args, **kwargs)
+        self._parsePOSTFormSubmission = False  # never parse forms (Twisted would)
 
     def gotLength(self, length: Optional[int]) -> None:
         state = self.channel.site.state
@@ -67,7 +88,7 @@ class BoundedRequest(Request):
             self.is_batch = self.media_type == NDJSON
         self._limit = state.max_batch_body_size if self.is_batch else state.max_body_size
         self._chunks: list[bytes] = []
-        self.content = BytesIO()
+        self.content = _NO_CONTENT
         encoding = headers.getRawHeaders(b"content-encoding")
         if encoding:
             name = encoding[0].strip().lower()
@@ -127,6 +148,7 @@ class BoundedRequest(Request):
         and body were never processed, so Request.write cannot be used."""
         self._refused = True
         self._chunks = []
+        self.content = _NO_CONTENT
         # Twisted sends `100 Continue` right after gotLength; it must not.
         self.requestHeaders.removeHeader(b"expect")
         self.channel.transport.write(raw_error(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
+from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -42,6 +42,7 @@ class IngestState:
         cors_origins: str = "",
     ) -> None:
         self.queue = queue
+        self.queue_size = queue.size or 0
         self.metrics = metrics
         self.max_body_size = max_body_size
         self.max_batch_body_size = max_batch_body_size
@@ -154,11 +155,10 @@ class CollectResource(Resource):
             if problem is not None and state.validate_json:
                 state.count_rejected("invalid_json")
                 return _answer(request, 400, error_body("invalid_json", detail=problem))
-        try:
-            state.queue.put((state.now_ms(), body, segment) if segment
-                            else (state.now_ms(), body))
-        except QueueOverflow:
+        pending = state.queue.pending  # nothing waits on get(): the batcher drains this
+        if len(pending) >= state.queue_size:
             return self._unavailable(request, "queue_full")
+        pending.append((state.now_ms(), body, segment) if segment else (state.now_ms(), body))
         self._accepted.inc()
         return _answer(request, 202, ACCEPTED_BODY)
 
@@ -189,7 +189,7 @@ class CollectResource(Resource):
             return _answer(request, 413, error_body(
                 "too_many_events", max_events=state.max_batch_events))
         queue = state.queue
-        if len(queue.pending) + len(events) > (queue.size or 0):
+        if len(queue.pending) + len(events) > state.queue_size:
             return self._unavailable(request, "queue_full")
         now = state.now_ms()
         # Nothing ever waits on queue.get(): the batcher drains `pending`.
