@@ -374,7 +374,7 @@ def claim_oldest(root: str, known: list[str]) -> Pick:
     another process; forget the ones no longer on disk."""
     on_disk = set(entry_names(root))
     gone = [name for name in known if name not in on_disk]
-    quarantined = []
+    quarantined: list[tuple[str, str, str]] = []
     for name in known:
         if name not in on_disk:
             continue

@@ -156,7 +156,8 @@ def verify_gzip(data: bytes, uncompressed_bytes: int) -> None:
     inflater = isal_zlib.decompressobj(_GZIP_WBITS)
     try:
         out = inflater.decompress(data)
-    except isal_zlib.error as error:
+    # isal's stub declares `error: Exception` (an instance); it is a class.
+    except isal_zlib.error as error:  # type: ignore[misc]
         raise ValueError(f"gzip stream is corrupt: {error}") from None
     if not inflater.eof:
         raise ValueError("gzip stream is truncated (no trailer)")

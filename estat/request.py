@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.logger import Logger
 from twisted.web.server import Request
+
+if TYPE_CHECKING:  # estat.web imports this module
+    from estat.web import TrackedChannel
 
 _log = Logger()
 
@@ -74,6 +77,9 @@ class BoundedRequest(Request):
     media_type = b""
     is_batch = False
     body_problem: Optional[str] = None
+    channel: TrackedChannel  # BoundedRequest is IngestSite's requestFactory
+    # Twisted's bare `content = None` makes mypy think it is always None.
+    content: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -151,7 +157,9 @@ class BoundedRequest(Request):
         self.content = _NO_CONTENT
         # Twisted sends `100 Continue` right after gotLength; it must not.
         self.requestHeaders.removeHeader(b"expect")
-        self.channel.transport.write(raw_error(
+        transport = self.channel.transport
+        assert transport is not None  # the body is arriving on it
+        transport.write(raw_error(
             413, b"Request Entity Too Large", "too_large", max_bytes=self._limit))
         state.count_response(413)
         state.count_rejected("too_large")

@@ -21,7 +21,7 @@ import random
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, cast
 from urllib.parse import quote, urlsplit
 
 import botocore.session
@@ -37,7 +37,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
     succeed,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -60,7 +60,7 @@ DEFAULT_REGION = "us-east-1"
 BACKOFF_BASE = 1.0  # seconds; the first retry waits up to this long
 BACKOFF_CAP = 20.0  # seconds; no single wait is longer
 MAX_ERROR_BODY = 64 * 1024  # an S3 error document is a few hundred bytes
-IDLE_CONNECTION_SECONDS = 10.0  # below the idle timeout of S3 and proxies
+IDLE_CONNECTION_SECONDS = 10  # below the idle timeout of S3 and proxies
 
 BlockingRunner = Callable[..., "Deferred[Any]"]
 CredentialResolver = Callable[[], Optional[Credentials]]
@@ -466,7 +466,9 @@ class _CappedBody(Protocol):
 
     def _cancel(self, _: Deferred) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's transport is a producer (Twisted's
+            # TransportProxyProducer), not a full ITransport.
+            cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.size < self.limit:

@@ -4,12 +4,14 @@ event per line), the health endpoints, and the sites that serve them."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -306,6 +308,7 @@ class TrackedChannel(HTTPChannel):
     (slow clients get 408), and header limits are answered with 431."""
 
     _request_started: Optional[float] = None
+    site: IngestSite  # set by Site.buildProtocol
 
     def connectionMade(self) -> None:
         site = self.factory
@@ -315,7 +318,7 @@ class TrackedChannel(HTTPChannel):
         super().connectionMade()
         site.channels.add(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._request_started = None
         super().connectionLost(reason)
         self.factory.channel_closed(self)
@@ -353,7 +356,8 @@ class TrackedChannel(HTTPChannel):
                      max_bytes=self.MAX_LENGTH)
 
     def _refuse(self, code: int, phrase: bytes, error: str, **details: object) -> None:
-        if self.transport is None or self.transport.disconnecting:
+        # Every stream transport has `disconnecting`; ITransport omits it.
+        if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]
             return
         state = self.factory.state
         state.count_response(code)
@@ -378,6 +382,7 @@ class _TooManyConnections(Protocol):
     """Answers a connection over MAX_CONNECTIONS with 503 and closes it."""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # makeConnection set it
         self.transport.write(raw_error(503, b"Service Unavailable", "too_many_connections"))
         self.transport.loseConnection()
 
@@ -388,7 +393,9 @@ class IngestSite(Site):
     `close_connections` for an orderly stop."""
 
     requestFactory = BoundedRequest
-    protocol = TrackedChannel
+    # Twisted types HTTPFactory.protocol as its HTTP/1.1-or-2 proxy factory
+    # only; any HTTPChannel subclass works (Factory.buildProtocol calls it).
+    protocol = TrackedChannel  # type: ignore[assignment]
     displayTracebacks = False
     closing = False
 
@@ -421,7 +428,7 @@ class IngestSite(Site):
             return _TooManyConnections()
         return super().buildProtocol(addr)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No per-request access log: it would cost more than the request."""
 
     _reaper: Optional[LoopingCall] = None
@@ -457,13 +464,20 @@ class IngestSite(Site):
         waiter: Deferred[None] = Deferred()
         self._closed_waiters.append(waiter)
         timer = self.reactor.callLater(grace, self._abort_all)
-        waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+
+        def cancel_timer(result: Optional[Failure]) -> Optional[Failure]:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        waiter.addBoth(cancel_timer)
         return waiter
 
     def _abort_all(self) -> None:
         for channel in list(self.channels):
             if channel.transport is not None:
-                channel.transport.abortConnection()
+                # TCP, unix and TLS server transports all provide ITCPTransport.
+                cast(ITCPTransport, channel.transport).abortConnection()
 
     def channel_closed(self, channel: TrackedChannel) -> None:
         self.channels.discard(channel)
@@ -510,5 +524,5 @@ class AdminSite(Site):
         }
         super().__init__(Root(routes, NotFoundResource()), timeout=60.0, reactor=reactor)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """Scrapes are not worth a log line each."""
