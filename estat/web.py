@@ -61,12 +61,14 @@ class IngestState:
         self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
                           for reason in REJECT_REASONS}
 
+    def room(self) -> int:
+        """Events the queue can still take. Nothing ever waits on
+        `queue.get()` (the batcher drains `pending`), so enqueueing is an
+        append after this check."""
+        return self.queue_size - len(self.queue.pending)
+
     def ready(self) -> bool:
-        return (
-            self.started
-            and not self.draining
-            and len(self.queue.pending) < (self.queue.size or 0)
-        )
+        return self.started and not self.draining and self.room() > 0
 
     def count_response(self, code: int) -> None:
         child = self._codes.get(code)
@@ -157,10 +159,10 @@ class CollectResource(Resource):
             if problem is not None and state.validate_json:
                 state.count_rejected("invalid_json")
                 return _answer(request, 400, error_body("invalid_json", detail=problem))
-        pending = state.queue.pending  # nothing waits on get(): the batcher drains this
-        if len(pending) >= state.queue_size:
+        if state.room() < 1:
             return self._unavailable(request, "queue_full")
-        pending.append((state.now_ms(), body, segment) if segment else (state.now_ms(), body))
+        state.queue.pending.append(
+            (state.now_ms(), body, segment) if segment else (state.now_ms(), body))
         self._accepted.inc()
         return _answer(request, 202, ACCEPTED_BODY)
 
@@ -190,15 +192,13 @@ class CollectResource(Resource):
             state.count_rejected("too_large")
             return _answer(request, 413, error_body(
                 "too_many_events", max_events=state.max_batch_events))
-        queue = state.queue
-        if len(queue.pending) + len(events) > state.queue_size:
+        if len(events) > state.room():
             return self._unavailable(request, "queue_full")
         now = state.now_ms()
-        # Nothing ever waits on queue.get(): the batcher drains `pending`.
         if segment:
-            queue.pending.extend([(now, line, segment) for line in events])
+            state.queue.pending.extend([(now, line, segment) for line in events])
         else:
-            queue.pending.extend([(now, line) for line in events])
+            state.queue.pending.extend([(now, line) for line in events])
         self._accepted.inc(len(events))
         return _answer(request, 202, b'{"status":"accepted","events":%d}\n' % len(events))
 
