@@ -44,24 +44,22 @@ def parse_positive_size(text: str) -> int:
     return value
 
 
-def parse_positive_int(text: str) -> int:
+def _parse_whole(text: str, minimum: int, too_small: str) -> int:
     try:
         value = int(text.strip())
     except ValueError:
         raise ValueError("expected a whole number") from None
-    if value <= 0:
-        raise ValueError("must be greater than zero")
+    if value < minimum:
+        raise ValueError(too_small)
     return value
+
+
+def parse_positive_int(text: str) -> int:
+    return _parse_whole(text, 1, "must be greater than zero")
 
 
 def parse_non_negative_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-    if value < 0:
-        raise ValueError("must be zero or more")
-    return value
+    return _parse_whole(text, 0, "must be zero or more")
 
 
 def parse_positive_seconds(text: str) -> float:
