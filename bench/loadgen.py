@@ -23,10 +23,16 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "%(content_type)s"
+"""
 
+# Appended to a scenario's script (and %-formatted with it, `marker` set):
+# numbers the threads (`tid`), counts every status per thread, and prints
+# one JSON line of results, prefixed by the marker, when wrk is done.
+LUA_REPORT = r"""
 local threads = {}
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("tid", #threads)
 end
 
 codes = {}
@@ -122,8 +128,9 @@ def write_script(workdir: str, name: str, body: bytes, content_type: str) -> str
         handle.write(body)
     script_path = os.path.join(workdir, f"{name}.lua")
     with open(script_path, "w") as handle:
-        handle.write(_LUA % {"body_path": body_path, "content_type": content_type,
-                             "marker": _MARKER})
+        handle.write((_LUA + LUA_REPORT) % {"body_path": body_path,
+                                            "content_type": content_type,
+                                            "marker": _MARKER})
     return script_path
 
 

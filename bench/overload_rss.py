@@ -34,49 +34,22 @@ from twisted.internet.threads import deferToThread  # noqa: E402
 from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
+import loadgen  # noqa: E402  (bench/, this script's directory)
 from tests.e2e.proxy import FaultProxy  # noqa: E402
 from tests.support import EstatServer, MotoServer, poll_until  # noqa: E402
 
 BUCKET = "estat-overload"
 MARKER = "OVERLOAD_JSON "
 
+# Every request carries a unique id (thread number from LUA_REPORT's setup,
+# then a counter); statuses are counted and reported by loadgen.LUA_REPORT.
 LUA = r"""
 local pad = string.rep("x", %(pad)d)
-local threads = {}
-local counter = 0
-function setup(thread)
-  table.insert(threads, thread)
-  thread:set("tid", #threads)
-end
-codes = {}
 n = 0
 function request()
   n = n + 1
   local body = '{"id":"w' .. tid .. '-' .. n .. '","pad":"' .. pad .. '"}'
   return wrk.format("POST", "/collect", {["Content-Type"] = "application/json"}, body)
-end
-function response(status, headers, body)
-  codes[status] = (codes[status] or 0) + 1
-end
-function done(summary, latency, requests)
-  local agg = {}
-  for _, t in ipairs(threads) do
-    for status, k in pairs(t:get("codes")) do
-      agg[status] = (agg[status] or 0) + k
-    end
-  end
-  local parts = {}
-  for status, k in pairs(agg) do
-    table.insert(parts, string.format('"%%d":%%d', status, k))
-  end
-  local e = summary.errors
-  io.write(string.format(
-    '%(marker)s{"duration_us":%%d,"requests":%%d,"p50_us":%%d,"p99_us":%%d,' ..
-    '"max_us":%%d,"codes":{%%s},"errors":{"connect":%%d,"read":%%d,"write":%%d,' ..
-    '"timeout":%%d}}\n',
-    summary.duration, summary.requests, latency:percentile(50),
-    latency:percentile(99), latency.max, table.concat(parts, ","),
-    e.connect, e.read, e.write, e.timeout))
 end
 """
 
@@ -181,7 +154,8 @@ def main(reactor: Any, options: argparse.Namespace):  # type: ignore[no-untyped-
         probing = probe(reactor, server.url, probes, running)
         script = os.path.join(workdir, "overload.lua")
         with open(script, "w") as handle:
-            handle.write(LUA % {"pad": options.body_bytes - 30, "marker": MARKER})
+            handle.write((LUA + loadgen.LUA_REPORT) % {"pad": options.body_bytes - 30,
+                                                       "marker": MARKER})
         out, err, code = yield getProcessOutputAndValue(options.wrk, [
             f"-t{options.threads}", f"-c{options.connections}", f"-d{options.duration}s",
             "--timeout", "10s", "-s", script, server.url + "/collect"])
@@ -216,9 +190,11 @@ def main(reactor: Any, options: argparse.Namespace):  # type: ignore[no-untyped-
         stored = len(ids)
         bound = (options.event_queue_size * 16384
                  + (4 + 2 + 1) * 8 * 1024 * 1024)
+        # wrk's "status" error count is the non-2xx answers, not a socket error
+        socket_errors = {k: v for k, v in wrk["errors"].items() if k != "status"}
         print(f"wrk: {wrk['requests']} requests in {wrk['duration_us'] / 1e6:.1f}s "
               f"({wrk['requests'] / (wrk['duration_us'] / 1e6):.0f}/s), codes {codes}, "
-              f"socket errors {wrk['errors']}, latency p50 {wrk['p50_us'] / 1000:.1f} ms, "
+              f"socket errors {socket_errors}, latency p50 {wrk['p50_us'] / 1000:.1f} ms, "
               f"p99 {wrk['p99_us'] / 1000:.1f} ms, max {wrk['max_us'] / 1000:.1f} ms")
         print(f"time-to-503 (probe, {len(probe_503)} answers): p50 "
               f"{percentile(probe_503, 0.5) * 1000:.1f} ms, p99 "
