@@ -26,7 +26,8 @@ from estat.localstore import LocalStore
 from estat.metrics import Metrics
 from estat.store import Store
 from estat.uploader import Uploader
-from estat.web import AdminSite, IngestSite, IngestState, MetricsPage
+from estat.channel import IngestListener
+from estat.web import AdminSite, HealthResource, IngestState, MetricsPage, ReadyResource
 
 _log = Logger()
 
@@ -99,13 +100,16 @@ class IngestService(Service):
         self.batcher = Batcher(reactor, self.queue, self.uploader, self.metrics,
                                settings.batch_size, settings.batch_max_bytes,
                                settings.flush_interval)
-        self.ingest_site = IngestSite(
+        self.ingest_listener = IngestListener(
             self.state, idle_timeout=settings.idle_timeout, reactor=reactor,
             request_timeout=settings.request_timeout,
             max_connections=settings.max_connections, max_headers=settings.max_headers,
             max_header_bytes=settings.max_header_bytes)
-        self.admin_site = AdminSite(self.state, MetricsPage(self.registry),
-                                    reactor=reactor)
+        self.admin_site = AdminSite({
+            b"metrics": MetricsPage(self.registry),
+            b"healthz": HealthResource(),
+            b"readyz": ReadyResource(self.state),
+        }, reactor=reactor)
         self.ports: list[IListeningPort] = []
         self.admin_port: Optional[IListeningPort] = None
         self._stopping: Optional[Deferred] = None
@@ -165,13 +169,13 @@ class IngestService(Service):
             self.admin_port = yield endpoints.serverFromString(
                 self.reactor, self.settings.admin_listen).listen(self.admin_site)
             for fd, family in self.inherited_ports:
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, self.ingest_site))
+                self.ports.append(self.reactor.adoptStreamPort(fd, family, self.ingest_listener))
                 # The port works on a duplicate; closing ours means stopping
                 # the port really stops this process listening.
                 os.close(fd)
             for description in self.settings.listen if not self.inherited_ports else ():
                 port = yield endpoints.serverFromString(
-                    self.reactor, description).listen(self.ingest_site)
+                    self.reactor, description).listen(self.ingest_listener)
                 self.ports.append(port)
         except Exception as error:
             _log.critical("cannot start: {error}; stopping", error=str(error))
@@ -215,7 +219,7 @@ class IngestService(Service):
         _log.info("stopping: no longer accepting events (deadline {timeout}s)",
                   timeout=timeout)
         yield DeferredList([port.stopListening() for port in self.ports])
-        yield self.ingest_site.close_connections(grace=min(5.0, timeout / 3))
+        yield self.ingest_listener.close_connections(grace=min(5.0, timeout / 3))
         yield self.batcher.stop()
         queued, open_events = len(self.queue.pending), self.batcher.open_events()
         self.batcher.flush_all()

@@ -35,11 +35,11 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from estat.config import ConfigError, Settings
 from estat.service import ignore_further_signals
-from estat.web import HealthResource, NotFoundResource, Root
+from estat.web import AdminSite, HealthResource
 
 _log = Logger()
 
@@ -130,12 +130,11 @@ class WorkerSupervisor(Service):
             self.sockets.append(bind_listening_socket(description))
         for index in range(self.settings.workers):
             self._spawn(index)
-        site = Site(Root({
+        site = AdminSite({
             b"metrics": AggregatedMetrics(self),
             b"healthz": HealthResource(),
             b"readyz": AllWorkersReady(self),
-        }, NotFoundResource()), reactor=self.reactor)
-        site.log = lambda request: None  # type: ignore[method-assign]
+        }, reactor=self.reactor)
         d = endpoints.serverFromString(self.reactor, self.settings.admin_listen).listen(site)
         d.addCallback(lambda port: setattr(self, "admin_port", port))
         d.addErrback(self._cannot_start)

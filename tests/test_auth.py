@@ -12,9 +12,10 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.auth import TokensFileError, WriteKeys, parse_tokens, read_tokens_file
+from estat.channel import IngestListener
 from estat.encode import Batch, encode_batch
 from estat.metrics import Metrics
-from estat.web import IngestSite, IngestState
+from estat.web import IngestState
 from tests.support import make_workdir
 from tests.test_web import Exchange, post_bytes
 
@@ -86,7 +87,7 @@ class AuthenticatedCollectTests(unittest.TestCase):
                                  write_keys=WriteKeys("x", parse_tokens(TOKENS)),
                                  cors_origins="https://app.example, https://b.example")
         self.state.started = True
-        self.site = IngestSite(self.state, reactor=Clock())
+        self.site = IngestListener(self.state, reactor=Clock())
 
     def one(self, raw: bytes):
         [answer] = Exchange(self.site).send_and_read(raw)

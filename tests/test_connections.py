@@ -12,8 +12,9 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from estat.channel import IngestListener
 from estat.metrics import Metrics
-from estat.web import IngestSite, IngestState
+from estat.web import IngestState
 from tests.support import poll_until
 
 
@@ -36,7 +37,7 @@ class CloseConnectionsTests(unittest.TestCase):
         self.queue: DeferredQueue = DeferredQueue(size=10)
         self.state = IngestState(self.queue, metrics, 1024, True)
         self.state.started = True
-        self.site = IngestSite(self.state, reactor=self.clock)
+        self.site = IngestListener(self.state, reactor=self.clock)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
 

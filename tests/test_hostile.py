@@ -13,9 +13,10 @@ from twisted.internet.defer import DeferredQueue, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from estat.channel import IngestListener
 from estat.encode import Batch, encode_batch
 from estat.metrics import Metrics
-from estat.web import IngestSite, IngestState
+from estat.web import IngestState
 from tests.test_connections import RawClient
 from tests.test_web import Exchange, post_bytes
 from tests.support import poll_until
@@ -26,7 +27,7 @@ def make_site(clock, **limits):
     queue: DeferredQueue = DeferredQueue(size=100)
     state = IngestState(queue, Metrics(registry, process=False), 1024, True, now_ms=lambda: 1)
     state.started = True
-    return IngestSite(state, reactor=clock, **limits), queue, registry
+    return IngestListener(state, reactor=clock, **limits), queue, registry
 
 
 class LimitTests(unittest.TestCase):

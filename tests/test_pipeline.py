@@ -12,10 +12,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.batcher import Batcher
+from estat.channel import IngestListener
 from estat.metrics import Metrics
 from estat.store import PermanentStoreError, RetryableStoreError
 from estat.uploader import Uploader
-from estat.web import IngestSite, IngestState
+from estat.web import IngestState
 from tests.fakes import FakeStore, RecordingSpool, sync_encoder
 from tests.test_web import Exchange, post_bytes
 
@@ -96,7 +97,7 @@ class PipelineTests(unittest.TestCase):
                    store=FakeStore(manual=True))
         state = IngestState(self.queue, self.metrics, 1000, True)
         state.started = True
-        site = IngestSite(state, reactor=self.clock)
+        site = IngestListener(state, reactor=self.clock)
         codes = []
         for i in range(12):
             [(code, _, _)] = Exchange(site).send_and_read(post_bytes(b'{"n":%d}' % i))

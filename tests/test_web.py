@@ -12,14 +12,16 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from estat.channel import IngestListener
 from estat.metrics import Metrics
-from estat.web import IngestSite, IngestState
+from estat.request import IngestRequest
+from estat.web import IngestState
 
 
 class Exchange:
     """One client connection to the site: send bytes, read the answers."""
 
-    def __init__(self, site: IngestSite) -> None:
+    def __init__(self, site: IngestListener) -> None:
         self.transport = StringTransport()
         self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
         self.channel.makeConnection(self.transport)
@@ -63,7 +65,7 @@ class CollectTests(unittest.TestCase):
         self.state = IngestState(self.queue, self.metrics, max_body_size=64,
                                  validate_json=True, now_ms=lambda: 1700000000123)
         self.state.started = True
-        self.site = IngestSite(self.state, reactor=Clock())
+        self.site = IngestListener(self.state, reactor=Clock())
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
@@ -225,7 +227,7 @@ class BatchAndGzipTests(unittest.TestCase):
                                  validate_json=True, now_ms=lambda: 5,
                                  max_batch_body_size=256, max_batch_events=4)
         self.state.started = True
-        self.site = IngestSite(self.state, reactor=Clock())
+        self.site = IngestListener(self.state, reactor=Clock())
 
     def send(self, body: bytes, ctype: bytes = b"application/x-ndjson",
              extra: bytes = b""):
@@ -286,7 +288,7 @@ class BatchAndGzipTests(unittest.TestCase):
         self.assertLess(len(bomb), 65536)  # small on the wire, 20 MB inflated
         client = Exchange(self.site)
         inflated = []
-        request_class = self.site.requestFactory
+        request_class = IngestRequest
         original = request_class._inflate
 
         def spy(request, data):

@@ -1,0 +1,350 @@
+"""The ingest listener's HTTP/1.1 server: a Twisted Protocol whose requests
+are parsed by httptools (llhttp, Node.js's parser) instead of twisted.web,
+whose own machinery cost more than all of estat's work per request (see
+bench/README.md).
+
+A connection answers each request as soon as its body is complete, in
+order, so pipelining and keep-alive need no queue. It defends itself: a
+body over its limit is refused before it is read (413, no `100 Continue`),
+a whole request must arrive within REQUEST_TIMEOUT of its first byte (408),
+header limits get 431, anything llhttp cannot parse gets 400, and it stops
+reading while the client does not read its answers. The listener knows its
+connections, so a stop can close the idle ones and wait for the busy ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, cast
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+from httptools import HttpRequestParser
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.python.failure import Failure
+
+from estat.request import IngestRequest, TooLarge, error_body, raw_error, response
+from estat.web import Answer, IngestState, Routes
+
+_log = Logger()
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing this connection's input:
+    it was refused, or its last answer closes it."""
+
+
+@implementer(IPushProducer)
+class IngestChannel(Protocol):
+    """One client connection; see the module docstring."""
+
+    factory: IngestListener
+    started: Optional[float] = None  # when the request being received began
+    last_active = 0.0
+    _request: Optional[IngestRequest] = None
+    _in_message = False
+    _done = False  # answered for the last time: ignore what still arrives
+    _closing = False  # loseConnection was called
+    _network: Optional[IPushProducer] = None  # the transport, when it can pause reading
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.state = factory.state
+        self.routes = factory.routes
+        self.parser = HttpRequestParser(self)
+        self._out: list[bytes] = []
+        self._url: list[bytes] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._head_bytes = 0
+        self.last_active = factory.reactor.seconds()
+        factory.channels.add(self)
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            cast(ITCPTransport, transport).setTcpNoDelay(True)  # as twisted.web does
+        # Like twisted.web, pause reading only where the transport can.
+        self._network = IPushProducer(transport, None)
+        if self._network is not None:
+            cast(IConsumer, transport).registerProducer(self, True)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._done = True
+        self.started = None
+        self.factory.channel_closed(self)
+
+    def idle(self) -> bool:
+        """No request is arriving on this connection."""
+        return not self._in_message
+
+    # Reading
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        now = self.factory.reactor.seconds()
+        self.last_active = now
+        if self.started is None:
+            self.started = now
+        head_before = self._in_message and self._request is None
+        try:
+            self.parser.feed_data(data)
+        except HttpParserCallbackError as error:
+            if not isinstance(error.__context__, _Stop):
+                raise
+        except HttpParserUpgrade:
+            self._finish(raw_error(400, "bad_request", detail="upgrade_not_supported"),
+                         400, "bad_request")
+        except HttpParserError:
+            self._finish(raw_error(400, "bad_request"), 400, "bad_request")
+        if not self._in_message:
+            self.started = None
+        elif head_before and self._request is None and not self._done:
+            # httptools holds a header until its end: bound what it holds
+            # (the read that began the request is bounded by the read size).
+            self._head_bytes += len(data)
+            if self._head_bytes > self.factory.max_head_bytes:
+                try:
+                    self._refuse_headers()
+                except _Stop:
+                    pass
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            transport = self.transport
+            assert transport is not None
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._done and not self._closing and self.transport is not None:
+            self._closing = True
+            if self._network is not None:
+                # A registered producer would keep a paused transport open.
+                cast(IConsumer, self.transport).unregisterProducer()
+            self.transport.loseConnection()
+
+    # httptools callbacks, in the order a request arrives
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._request = None
+        self._url = []
+        self._headers = {}
+        self._head_bytes = 0
+        self._header_count = 0
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        if sum(map(len, self._url)) > self.factory.max_header_bytes:
+            self._refuse_headers()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4
+        if (self._header_count > self.factory.max_headers
+                or self._header_bytes > self.factory.max_header_bytes):
+            self._refuse_headers()
+        self._headers.setdefault(name.lower(), value)
+
+    def on_headers_complete(self) -> None:
+        state = self.state
+        request = self._request = IngestRequest(
+            self.parser.get_method(), b"".join(self._url), self._headers,
+            state.max_body_size, state.max_batch_body_size)
+        try:
+            request.check_declared_length()
+        except TooLarge as too_large:
+            self._refuse(413, "too_large", max_bytes=too_large.limit)
+        expect = self._headers.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            self._out.append(_CONTINUE)
+            self._flush()
+
+    def on_body(self, data: bytes) -> None:
+        assert self._request is not None
+        try:
+            self._request.add_body(data)
+        except TooLarge as too_large:
+            self._refuse(413, "too_large", max_bytes=too_large.limit)
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        assert request is not None
+        self._in_message = False
+        self._request = None
+        if self.parser.should_upgrade():
+            return  # answered by dataReceived's HttpParserUpgrade
+        request.body_complete()
+        try:
+            answer = self.routes(request)
+        except Exception:
+            _log.failure("unexpected error handling {method} {path}",
+                         method=request.method, path=request.path)
+            answer = Answer(500, error_body("internal_error"))
+        close = answer.close or self.factory.closing or not self.parser.should_keep_alive()
+        self.state.count_response(answer.code)
+        self._out.append(response(answer.code, answer.body, answer.headers, close,
+                                  head_only=request.method == b"HEAD"))
+        if close:
+            self._done = True
+            raise _Stop()
+
+    # Refusals: answer, close, and stop reading
+
+    def _refuse_headers(self) -> None:
+        factory = self.factory
+        self._refuse(431, "headers_too_large", max_headers=factory.max_headers,
+                     max_bytes=factory.max_header_bytes)
+
+    def _refuse(self, code: int, error: str, **details: object) -> None:
+        """Answer `code` and close; called from parser callbacks."""
+        self._finish(raw_error(code, error, **details), code, error)
+        raise _Stop()
+
+    def _finish(self, answer: bytes, code: int, reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._in_message = False
+        self._request = None
+        self.started = None
+        self.state.count_response(code)
+        self.state.count_rejected(reason)
+        self._out.append(answer)
+
+    def reap(self, now: float, request_timeout: float, idle_timeout: float) -> None:
+        """408 for a request still arriving after `request_timeout`; close a
+        connection idle for `idle_timeout`."""
+        if self._done:
+            return
+        if self.started is not None and now - self.started > request_timeout:
+            self._finish(raw_error(408, "request_timeout", seconds=request_timeout),
+                         408, "request_timeout")
+            self._flush()
+        elif self.started is None and now - self.last_active > idle_timeout:
+            self._done = True
+            self._flush()
+
+    def close_if_idle(self) -> None:
+        if not self._in_message and not self._done:
+            self._done = True
+            self._flush()
+
+    # IPushProducer: stop reading while the client does not read its answers
+
+    def pauseProducing(self) -> None:
+        if self._network is not None:
+            self._network.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._network is not None and not self._done:
+            self._network.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._done = True
+
+
+class _TooManyConnections(Protocol):
+    """Answers a connection over MAX_CONNECTIONS with 503 and closes it."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None  # makeConnection set it
+        self.transport.write(raw_error(503, "too_many_connections"))
+        self.transport.loseConnection()
+
+
+class IngestListener(Factory):
+    """Builds the ingest listener's connections (at most `max_connections`),
+    reaps slow requests and idle connections, and closes them all for an
+    orderly stop with `close_connections`."""
+
+    closing = False
+
+    def __init__(self, state: IngestState, idle_timeout: float = 60.0,
+                 reactor: Optional[Any] = None, request_timeout: float = 10.0,
+                 max_connections: int = 1024, max_headers: int = 64,
+                 max_header_bytes: int = 16384) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+            reactor = global_reactor
+        self.reactor = reactor
+        self.state = state
+        self.routes = Routes(state)
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+        # A request line and headers, each at their limit, with their CRLFs.
+        self.max_head_bytes = 2 * max_header_bytes + 2 * max_headers + 64
+        self.channels: set[IngestChannel] = set()
+        self._closed_waiters: list[Deferred[None]] = []
+        self._reaper: Optional[LoopingCall] = None
+        state.metrics.open_connections.set_function(lambda: len(self.channels))
+
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
+        if self._reaper is None:
+            self._start_reaper()
+        if len(self.channels) >= self.max_connections:
+            self.state.count_rejected("too_many_connections")
+            self.state.count_response(503)
+            return _TooManyConnections()
+        channel = IngestChannel()
+        channel.factory = self
+        return channel
+
+    def _start_reaper(self) -> None:
+        """Check a few times per REQUEST_TIMEOUT for requests arriving too
+        slowly (a 408 comes at most a quarter of the timeout late) and for
+        idle connections: one timer per listener, not one per request."""
+        reaper = self._reaper = LoopingCall(self._reap)
+        reaper.clock = self.reactor
+        reaper.start(min(1.0, self.request_timeout / 4), now=False)
+
+    def _reap(self) -> None:
+        now = self.reactor.seconds()
+        for channel in list(self.channels):
+            channel.reap(now, self.request_timeout, self.idle_timeout)
+
+    def stopFactory(self) -> None:
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        self._reaper = None
+
+    def close_connections(self, grace: float) -> "Deferred[None]":
+        """Close idle connections now; let busy ones finish their request
+        (each closes after its answer) and abort what is left after
+        `grace` seconds. Fires when every connection is gone."""
+        self.closing = True
+        for channel in list(self.channels):
+            channel.close_if_idle()
+        if not self.channels:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closed_waiters.append(waiter)
+        timer = self.reactor.callLater(grace, self._abort_all)
+
+        def cancel_timer(result: Optional[Failure]) -> Optional[Failure]:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        waiter.addBoth(cancel_timer)
+        return waiter
+
+    def _abort_all(self) -> None:
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                # TCP, unix and TLS server transports all provide ITCPTransport.
+                cast(ITCPTransport, channel.transport).abortConnection()
+
+    def channel_closed(self, channel: IngestChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels and self._closed_waiters:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
