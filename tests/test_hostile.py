@@ -175,3 +175,32 @@ class RequestPathProperties(unittest.TestCase):
                              [json.loads(b) for _, b in events])
         else:
             self.assertEqual(queue.pending, [])
+
+
+class ArbitraryBytesProperties(unittest.TestCase):
+    """Whatever bytes arrive, split anywhere, the channel never raises, and
+    everything it writes is whole HTTP/1.1 responses with JSON bodies."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(head=st.lists(st.sampled_from([
+        b"POST /collect HTTP/1.1\r\n", b"GET /healthz HTTP/1.0\r\n", b"Host: x\r\n",
+        b"Content-Length: 7\r\n", b"Content-Length: -1\r\n", b"Transfer-Encoding: chunked\r\n",
+        b"Content-Encoding: gzip\r\n", b"Expect: 100-continue\r\n", b"Connection: close\r\n",
+        b"Content-Type: application/x-ndjson\r\n", b"Upgrade: h2c\r\n", b"\r\n",
+        b'{"a":1}', b"7\r\n{\"a\":1}\r\n0\r\n\r\n"]), max_size=12),
+        noise=st.binary(max_size=40), cuts=st.lists(st.integers(0, 300), max_size=5))
+    def test_never_raises_and_answers_whole_responses(self, head, noise, cuts):
+        site, queue, _ = make_site(Clock(), max_headers=8, max_header_bytes=256)
+        raw = b"".join(head) + noise
+        client = Exchange(site)
+        last = 0
+        for cut in sorted(set(c for c in cuts if c < len(raw))):
+            client.send(raw[last:cut])
+            last = cut
+        client.send(raw[last:])
+        out = client.transport.value().replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+        for code, headers, body in Exchange.parse(out):
+            self.assertLess(code, 500)
+            self.assertIn(b"error" if code >= 400 else b"status", body)
+            self.assertEqual(int(headers[b"content-length"]), len(body))
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -35,7 +35,10 @@ class Exchange:
 
     def responses(self) -> list[tuple[int, dict[bytes, bytes], bytes]]:
         """Parse every complete response written so far."""
-        data = self.transport.value()
+        return self.parse(self.transport.value())
+
+    @staticmethod
+    def parse(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
         out = []
         while data:
             head, _, rest = data.partition(b"\r\n\r\n")
