@@ -49,6 +49,7 @@ class IngestChannel(Protocol):
     _in_message = False
     _done = False  # answered for the last time: ignore what still arrives
     _closing = False  # loseConnection was called
+    _closing_at = 0.0
     _network: Optional[IPushProducer] = None  # the transport, when it can pause reading
 
     def connectionMade(self) -> None:
@@ -121,6 +122,7 @@ class IngestChannel(Protocol):
             transport.write(out[0] if len(out) == 1 else b"".join(out))
         if self._done and not self._closing and self.transport is not None:
             self._closing = True
+            self._closing_at = self.factory.reactor.seconds()
             if self._network is not None:
                 # A registered producer would keep a paused transport open.
                 cast(IConsumer, self.transport).unregisterProducer()
@@ -218,7 +220,13 @@ class IngestChannel(Protocol):
 
     def reap(self, now: float, request_timeout: float, idle_timeout: float) -> None:
         """408 for a request still arriving after `request_timeout`; close a
-        connection idle for `idle_timeout`."""
+        connection idle for `idle_timeout`; abort one whose client has not
+        taken its last answer `request_timeout` after the close (a close
+        waits for the answers to be sent, so they would stay in memory)."""
+        if self._closing:
+            if now - self._closing_at > request_timeout and self.transport is not None:
+                cast(ITCPTransport, self.transport).abortConnection()
+            return
         if self._done:
             return
         if self.started is not None and now - self.started > request_timeout:

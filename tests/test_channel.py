@@ -123,3 +123,12 @@ class ChannelTests(unittest.TestCase):
         clients = [Exchange(self.listener) for _ in range(3)]
         clients[0].channel.connectionLost(None)
         self.assertEqual(self.registry.get_sample_value("estat_open_connections"), 2)
+
+    def test_a_client_that_does_not_take_its_last_answer_is_aborted(self):
+        client = Exchange(self.listener)
+        client.send(post_bytes(b'{"a":1}', extra=b"Connection: close\r\n"))
+        self.assertTrue(client.transport.disconnecting)  # waits for the answer to be sent
+        self.clock.advance(10)
+        self.assertFalse(client.transport.disconnected)
+        self.clock.advance(2)  # REQUEST_TIMEOUT after the close, by the next reaper round
+        self.assertTrue(client.transport.disconnected)
