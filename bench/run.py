@@ -4,10 +4,15 @@
     .venv/bin/python bench/run.py --quick    # 3 s each, a smoke run
     .venv/bin/python bench/run.py --scenarios baseline,single-local -d 20
     .venv/bin/python bench/run.py --workers 1,2   # each estat scenario per worker count
+    .venv/bin/python bench/run.py -s baseline,single-local -d 5 --latency
+        # then p50/p99/p99.9 at a fixed rate of half each server's maximum
 
 Runs wrk on loopback against a bare twisted.web baseline and against
 `twistd -n estat-ingest` (local store and a moto S3 server), then prints one
-markdown table. Raw results and logs go under bench/results/ (gitignored).
+markdown table. With --latency, each server then gets a fixed-rate (open-loop)
+run at a fraction of the req/s it just reached, and a second table gives the
+latency percentiles at that rate. Raw results and logs go under
+bench/results/ (gitignored).
 See bench/README.md for what each column means.
 """
 
@@ -34,6 +39,7 @@ SCENARIOS = ("baseline", "single-local", "batch-local", "single-s3", "batch-s3")
 OPTIONAL_SCENARIOS = ("baseline-stock",)  # run only when named
 BATCH_EVENTS = 100
 CLEAN_STOP_CODES = (-15, 143, 0)
+ACCEPTED = "estat_events_accepted_total"
 
 
 @dataclass
@@ -58,6 +64,11 @@ class Row:
     stored: Optional[int] = None
     check: str = ""
     notes: list[str] = field(default_factory=list)
+    # --latency: the fixed-rate run on the same server after the wrk run
+    latency: Optional[loadgen.Schedule] = None
+    latency_non_2xx: str = ""
+    latency_server_cores: Optional[float] = None
+    latency_wrk_cores: Optional[float] = None
 
 
 @dataclass
@@ -71,20 +82,28 @@ class Options:
     workers: list[int]
     event_queue_size: int
     results_dir: str
+    latency: bool = False  # a fixed-rate run after each scenario's wrk run
+    latency_fraction: float = 0.5  # of the req/s the wrk run reached
+    latency_duration: float = 10.0
 
 
 # --- measuring one server ------------------------------------------------
 
 
 def measure(wrk: str, url: str, script: str, pid: int, opts: Options,
-            logdir: str, notes: Optional[list[str]] = None) -> tuple[loadgen.WrkResult, float]:
+            logdir: str, notes: Optional[list[str]] = None,
+            fixed_rate: bool = False) -> tuple[loadgen.WrkResult, float]:
     """Run wrk against `url`; return its result and the server's CPU seconds:
     those of `pid` and of its children (the workers of `--workers N`), read
     before and after the load. A child that appears or goes in between (a
-    worker restarted) is noted in `notes`: its CPU is then only partly counted."""
+    worker restarted) is noted in `notes`: its CPU is then only partly counted.
+    With `fixed_rate` (a LUA_RATE script) wrk runs `--latency-duration`
+    seconds with one thread per connection."""
+    duration, threads, log = ((opts.latency_duration, opts.connections, "wrk-rate.log")
+                              if fixed_rate else (opts.duration, opts.threads, "wrk.log"))
     cpu_before = procs.tree_cpu_seconds(pid)
-    result = loadgen.run_wrk(wrk, url, script, opts.duration, opts.connections,
-                             opts.threads, os.path.join(logdir, "wrk.log"))
+    result = loadgen.run_wrk(wrk, url, script, duration, opts.connections, threads,
+                             os.path.join(logdir, log))
     time.sleep(0.3)  # let the server finish requests wrk abandoned at the end
     cpu_after = procs.tree_cpu_seconds(pid)
     if set(cpu_before) != set(cpu_after) and notes is not None:
@@ -120,16 +139,77 @@ def fill_from_wrk(row: Row, result: loadgen.WrkResult, cpu_s: float) -> None:
         row.notes.append("wrk socket errors: " + ", ".join(f"{k} {v}" for k, v in errors.items()))
 
 
+def settle(pid: int, notes: list[str], limit: float = 15.0) -> None:
+    """Wait until the server (with its workers) uses under 10% of a core over
+    half a second: after a wrk run estat may still be encoding and writing
+    what it queued. Noted when it is still busy after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = sum(procs.tree_cpu_seconds(pid).values())
+        time.sleep(0.5)
+        busy = (sum(procs.tree_cpu_seconds(pid).values()) - before) / 0.5
+        if busy < 0.1:
+            return
+        if time.monotonic() > deadline:
+            notes.append(f"the server still used {busy:.0%} of a core {limit:g} s after the "
+                         "wrk run; the fixed-rate run started anyway")
+            return
+
+
+def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: bytes,
+               content_type: str, pid: int, opts: Options,
+               logdir: str) -> Optional[loadgen.WrkResult]:
+    """`--latency`: once the server is idle again, send to it at
+    `--latency-fraction` of `max_rps` (what the wrk run just reached), on a
+    fixed schedule over the same number of connections, and fill the row's
+    latency columns. None (and a note) when there was no rate to start from."""
+    if not max_rps:
+        row.notes.append("no req/s from the wrk run: no fixed-rate run")
+        return None
+    settle(pid, row.notes)
+    rate = max_rps * opts.latency_fraction
+    script = loadgen.write_script(logdir, name, body, content_type, rate=rate,
+                                  connections=opts.connections)
+    print(f"   fixed rate {rate:,.0f} req/s ({opts.latency_duration:g} s) ...", flush=True)
+    result, cpu_s = measure(wrk, url, script, pid, opts, logdir, row.notes, fixed_rate=True)
+    if result.schedule is None:
+        raise RuntimeError(f"the fixed-rate wrk run printed no schedule (see {logdir})")
+    row.latency = schedule = result.schedule
+    row.latency_non_2xx = ", ".join(f"{n}×{code}" for code, n in result.non_2xx().items()) or "0"
+    row.latency_server_cores = cpu_s / result.duration_s
+    row.latency_wrk_cores = result.wrk_cpu_s / result.duration_s
+    if schedule.achieved_rps < 0.97 * schedule.target_rps:
+        row.notes.append(f"fixed rate: achieved {schedule.achieved_rps:,.0f} of "
+                         f"{schedule.target_rps:,.0f} req/s: the server (or wrk) fell behind")
+    if schedule.late_1ms > 0.01 * schedule.sent:
+        row.notes.append(f"fixed rate: {schedule.late_1ms / schedule.sent:.1%} of the sends were "
+                         "over 1 ms late (their connection still waited for the previous "
+                         "response, or wrk was not scheduled in time); the latency columns "
+                         "count that wait, 'p99 ms from send' does not")
+    if row.latency_wrk_cores > 0.7:
+        row.notes.append(f"fixed rate: wrk used {row.latency_wrk_cores:.0%} of a core: on "
+                         f"{os.cpu_count()} cores shared with the server, the generator's "
+                         "own scheduling delays may be part of the late sends and latency")
+    errors = result.socket_errors()
+    if errors:
+        row.notes.append("fixed rate: wrk socket errors: "
+                         + ", ".join(f"{k} {v}" for k, v in errors.items()))
+    return result
+
+
 def run_baseline(wrk: str, opts: Options, logdir: str, stock: bool = False) -> Row:
     """The framework floor: a bare Resource answering 202 (with `stock`,
     on Twisted's default Request and Site instead of estat's lean ones)."""
     row = Row("baseline-stock" if stock else "baseline", "-")
-    script = loadgen.write_script(logdir, "baseline", loadgen.single_event(),
-                                  loadgen.JSON_TYPE)
+    body = loadgen.single_event()
+    script = loadgen.write_script(logdir, "baseline", body, loadgen.JSON_TYPE)
     server = Baseline(logdir, stock)
     try:
         result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir)
         row.peak_rss_mib = procs.peak_rss_mib(server.child.pid)
+        if opts.latency:
+            fixed_rate(wrk, row, result.rps, server.url, "baseline", body, loadgen.JSON_TYPE,
+                       server.child.pid, opts, logdir)
     finally:
         server.stop()
     fill_from_wrk(row, result, cpu_s)
@@ -172,18 +252,24 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         after_text = server.metrics_text()
         row.peak_rss_mib = (procs.tree_peak_rss_mib(server.child.pid) if workers > 1
                             else procs.peak_rss_mib(server.child.pid))
+        rate_result = (fixed_rate(wrk, row, result.rps, server.url, kind, body, ctype,
+                                  server.child.pid, opts, logdir) if opts.latency else None)
+        final_text = server.metrics_text() if rate_result else after_text
         code = server.stop(120)
-        after, per_worker = parse_metrics(after_text)
+        after = parse_metrics(after_text)[0]
+        final, per_worker = parse_metrics(final_text)
         if workers > 1:
-            name = "estat_events_accepted_total"
             row.notes.append("accepted per worker: " + ", ".join(
-                f"w{w} {int(per_worker[w].get(name, 0)):,d}" for w in sorted(per_worker)))
+                f"w{w} {int(per_worker[w].get(ACCEPTED, 0)):,d}" for w in sorted(per_worker)))
             if len(per_worker) != workers:
                 row.notes.append(f"/metrics showed {len(per_worker)} workers, not {workers}")
         if server.child.left_behind:
             row.notes.append("processes of the server's group outlived twistd and were killed")
         fill_from_wrk(row, result, cpu_s)
         account(row, result, before, after, kind)
+        if rate_result is not None:  # every event counts for accepted = stored
+            cross_check(row.notes, rate_result, after, final, kind, "fixed rate: ")
+            row.accepted = int(final.get(ACCEPTED, 0))
         if code not in CLEAN_STOP_CODES:
             row.notes.append(f"server exit status {code} (clean stop is -15)")
         if moto is not None:
@@ -211,20 +297,27 @@ def account(row: Row, result: loadgen.WrkResult, before: dict[str, float],
             after: dict[str, float], kind: str) -> None:
     """Events accepted (the server's counter, probe included, since the
     store holds the probe too) and events/s over the wrk run."""
-    name = "estat_events_accepted_total"
-    row.accepted = int(after.get(name, 0))
-    row.events_per_s = (after.get(name, 0) - before.get(name, 0)) / result.duration_s
+    row.accepted = int(after.get(ACCEPTED, 0))
+    row.events_per_s = (after.get(ACCEPTED, 0) - before.get(ACCEPTED, 0)) / result.duration_s
+    cross_check(row.notes, result, before, after, kind)
+
+
+def cross_check(notes: list[str], result: loadgen.WrkResult, before: dict[str, float],
+                after: dict[str, float], kind: str, prefix: str = "") -> None:
+    """Note when wrk saw more events answered 202 than the server counted
+    between `before` and `after`, or when the server's 202s and its accepted
+    events disagree."""
     per_request = 1 if kind == "single" else BATCH_EVENTS
     seen = result.count(202) * per_request
-    counted = after.get(name, 0) - before.get(name, 0)
+    counted = after.get(ACCEPTED, 0) - before.get(ACCEPTED, 0)
     if seen > counted:
-        row.notes.append(f"wrk saw {seen} events answered 202 but the server counted "
-                         f"only {counted:.0f}")
+        notes.append(f"{prefix}wrk saw {seen} events answered 202 but the server counted "
+                     f"only {counted:.0f}")
     code_202 = 'estat_http_requests_total{code="202"}'
     served = after.get(code_202, 0) - before.get(code_202, 0)
     if served * per_request != counted:
-        row.notes.append(f"server answered {served:.0f} requests 202 for {counted:.0f} "
-                         "accepted events")
+        notes.append(f"{prefix}server answered {served:.0f} requests 202 for {counted:.0f} "
+                     "accepted events")
 
 
 def check(accepted: Optional[int], stored: Optional[int]) -> str:
@@ -267,6 +360,34 @@ def table(rows: list[Row], show_workers: bool = False) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def latency_table(rows: list[Row], show_workers: bool = False) -> str:
+    """`--latency`: one line per row that had a fixed-rate run. The
+    percentiles count from each request's scheduled send time; "p99 ms from
+    send" from its actual send, as wrk does (they differ when sends were late)."""
+    head = ("| scenario | store | max req/s | target req/s | achieved req/s | p50 ms | p99 ms "
+            "| p99.9 ms | max ms | p99 ms from send | late sends | non-2xx | server cores "
+            "| wrk cores | accepted = stored |")
+    columns = 15
+    if show_workers:
+        head = head.replace("| store |", "| store | workers |")
+        columns += 1
+    lines = [head, "|" + "---|" * columns]
+    for r in rows:
+        s = r.latency
+        if s is None:
+            continue
+        workers = f" {fmt(r.workers, 'd')} |" if show_workers else ""
+        late = s.late_1ms / s.sent if s.sent else None
+        lines.append(
+            f"| {r.scenario} | {r.store} |{workers} {fmt(r.rps, ',.0f')} | {s.target_rps:,.0f} "
+            f"| {s.achieved_rps:,.0f} | {s.from_schedule['p50']:.2f} | {s.from_schedule['p99']:.2f} "
+            f"| {s.from_schedule['p99.9']:.2f} | {s.from_schedule['max']:.2f} "
+            f"| {s.from_send['p99']:.2f} | {fmt(late, '.2%')} | {r.latency_non_2xx} "
+            f"| {fmt(r.latency_server_cores, '.2f')} | {fmt(r.latency_wrk_cores, '.2f')} "
+            f"| {r.check} |")
+    return "\n".join(lines)
+
+
 # --- the run -------------------------------------------------------------
 
 
@@ -296,12 +417,26 @@ def parse_args(argv: list[str]) -> Options:
                         help="EVENT_QUEUE_SIZE of the server (default 100000)")
     parser.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"),
                         help="where logs and results.json go (default bench/results)")
+    parser.add_argument("--latency", action="store_true",
+                        help="after each scenario's wrk run, send to the same server at a "
+                             "fixed rate (open loop: --latency-fraction of the req/s it "
+                             "reached) and print a second table of latency percentiles")
+    parser.add_argument("--latency-fraction", type=float, default=0.5,
+                        help="the fixed rate as a fraction of the wrk run's req/s "
+                             "(default 0.5)")
+    parser.add_argument("--latency-duration", type=float, default=None,
+                        help="seconds of the fixed-rate run (default 10; 3 with --quick)")
     args = parser.parse_args(argv)
+    if not 0 < args.latency_fraction <= 1:
+        parser.error("--latency-fraction: give a number in (0, 1]")
     return Options(
         duration=3.0 if args.quick else args.duration, connections=args.connections,
         threads=args.threads, scenarios=select(args.scenarios),
         workers=worker_counts(args.workers, parser),
-        event_queue_size=args.event_queue_size, results_dir=args.results_dir)
+        event_queue_size=args.event_queue_size, results_dir=args.results_dir,
+        latency=args.latency, latency_fraction=args.latency_fraction,
+        latency_duration=(args.latency_duration if args.latency_duration is not None
+                          else 3.0 if args.quick else 10.0))
 
 
 def worker_counts(spec: str, parser: argparse.ArgumentParser) -> list[int]:
@@ -410,6 +545,9 @@ def save(rundir: str, opts: Options, rows: list[Row]) -> None:
                   indent=2)
     with open(os.path.join(rundir, "table.md"), "w") as handle:
         handle.write(table(rows, show_workers(opts)) + "\n")
+        if opts.latency:
+            handle.write("\n" + latency_header(opts) + "\n\n"
+                         + latency_table(rows, show_workers(opts)) + "\n")
     print(f"(raw results in {rundir})", flush=True)
 
 
@@ -425,6 +563,14 @@ def header(opts: Options, load: str) -> str:
     return (f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s per scenario, "
             f"loopback, {os.cpu_count()} cores shared by wrk and the server{workers}; load "
             f"average before the run: {load}")
+
+
+def latency_header(opts: Options) -> str:
+    """The line above the latency table: how the fixed-rate load was made."""
+    return (f"fixed rate: {opts.latency_fraction:.0%} of each row's req/s above for "
+            f"{opts.latency_duration:g} s on the same server, wrk -t{opts.connections} "
+            f"-c{opts.connections} (a thread per connection, each sending every "
+            f"{opts.connections}/rate s on a schedule); latency from the scheduled send time")
 
 
 def main(argv: list[str]) -> int:
@@ -443,6 +589,11 @@ def main(argv: list[str]) -> int:
     print(header(opts, load))
     print()
     print(table(rows, show_workers(opts)))
+    if opts.latency:
+        print()
+        print(latency_header(opts))
+        print()
+        print(latency_table(rows, show_workers(opts)))
     return 1 if any("MISMATCH" in r.check or "FAILED" in r.check for r in rows) else 0
 
 
