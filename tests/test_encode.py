@@ -70,11 +70,13 @@ class EncodeTests(unittest.TestCase):
         self.assertEqual(raw.kind, "raw")
 
     def test_unexpected_encoder_failure_keeps_everything_raw(self):
-        class Weird(bytes):
-            def __contains__(self, item):
-                raise RuntimeError("boom")
+        import estat.encode
 
-        [raw] = encode_batch_safely(batch(b'{"a":1}', Weird(b'{"b":2}')), validated=True,
+        def broken(events):
+            raise RuntimeError("boom")
+
+        self.patch(estat.encode, "_fast_text", broken)
+        [raw] = encode_batch_safely(batch(b'{"a":1}', b'{"b":2}'), validated=True,
                                     prefix="raw", raw_prefix="raw_dlq", host_id="h")
         records = [json.loads(l) for l in lines_of(raw.data)[:-1]]
         self.assertEqual([base64.b64decode(r["body_b64"]) for r in records],
@@ -106,6 +108,28 @@ class EncodeTests(unittest.TestCase):
             verify_gzip(data, 5999)
         with self.assertRaises(ValueError):
             verify_gzip(data + b"junk", 6000)
+
+    def test_large_objects_are_compressed_and_verified_in_slices(self):
+        """Several compression slices and several megabytes of inflated
+        output: the result is one gzip member that any reader inflates."""
+        import zlib
+
+        events = [(TS + i, b'{"n":%d,"pad":"%s"}' % (i, b"x" * (i % 5000))) for i in range(3000)]
+        [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+                             raw_prefix="raw_dlq", host_id="h")
+        text = gzip.decompress(obj.data)
+        self.assertGreater(len(text), 3 * 1024 * 1024)
+        self.assertEqual(obj.uncompressed_bytes, len(text))
+        self.assertEqual([json.loads(line)["body"]["n"] for line in text.splitlines()],
+                         list(range(3000)))
+        inflater = zlib.decompressobj(31)
+        inflater.decompress(obj.data)
+        self.assertEqual(inflater.unused_data, b"")  # one member, nothing after it
+        verify_gzip(obj.data, len(text))
+        with self.assertRaises(ValueError):
+            verify_gzip(obj.data[: len(obj.data) // 2], len(text))
+        with self.assertRaises(ValueError):
+            verify_gzip(obj.data, len(text) - 1)
 
     def test_batch_ids_sort_by_time_and_are_unique(self):
         ids = [new_batch_id(TS + i) for i in range(50)]
@@ -155,6 +179,25 @@ class EncodeProperties(unittest.TestCase):
         lines = lines_of(obj.data)
         self.assertEqual(lines[-1], b"")
         self.assertEqual([json.loads(l)["body"] for l in lines[:-1]], values)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.sampled_from([b'{"a":1}', b'{\n"a" :\r\n2}', b"{}", b'{"s":"x"}']),
+                    min_size=1, max_size=700), st.integers(0, 3))
+    def test_the_fast_path_writes_what_event_line_writes(self, bodies, segmented):
+        """Valid events without a segment take a C-level path in slices;
+        with one segmented event, the loop per event. Same text either way."""
+        events = [(TS + i, body) for i, body in enumerate(bodies)]
+        expected = b"".join(event_line(ts, body) for ts, body in events)
+        [fast] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+                              raw_prefix="raw_dlq", host_id="h")
+        self.assertEqual(gzip.decompress(fast.data), expected)
+        self.assertEqual(fast.uncompressed_bytes, len(expected))
+        if segmented:
+            events[0] = (TS, bodies[0], "source=web")
+            objects = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+                                   raw_prefix="raw_dlq", host_id="h")
+            text = b"".join(gzip.decompress(o.data) for o in reversed(objects))
+            self.assertEqual(sorted(text.splitlines()), sorted(expected.splitlines()))
 
     @settings(max_examples=150, deadline=None)
     @given(st.lists(st.binary(max_size=40), min_size=1, max_size=20))
