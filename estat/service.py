@@ -5,6 +5,8 @@ accepted is dropped."""
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Any, Optional, Sequence
 
 from prometheus_client import CollectorRegistry
@@ -19,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 import estat
 from estat.auth import TokensFileError, WriteKeys
 from estat.batcher import Batcher
+from estat.channel import IngestListener
 from estat.config import Settings
 from estat.deadletter import DeadLetterQueue
 from estat.encode import Batch, EncodedObject, encode_batch_safely
@@ -26,10 +29,31 @@ from estat.localstore import LocalStore
 from estat.metrics import Metrics
 from estat.store import Store
 from estat.uploader import Uploader
-from estat.channel import IngestListener
 from estat.web import AdminSite, HealthResource, IngestState, MetricsPage, ReadyResource
 
 _log = Logger()
+
+# How much nicer than the process the threads that encode batches are.
+# When they and the reactor thread compete for a core, answers come first:
+# p99 at a fixed 25k req/s with the server on one core went from 4.8 to
+# 2.3-2.9 ms, and `batch` throughput did not change (+10 starved encoding
+# and cost a third of it).
+ENCODE_NICENESS = 5
+_reniced = threading.local()
+
+
+def _lower_this_threads_priority() -> None:
+    """Renice the calling thread, once. Linux only: there `setpriority` on
+    a thread id changes that thread alone (elsewhere, the whole process)."""
+    if getattr(_reniced, "done", False) or not sys.platform.startswith("linux"):
+        return
+    _reniced.done = True
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread,
+                       os.getpriority(os.PRIO_PROCESS, thread) + ENCODE_NICENESS)
+    except OSError as error:
+        _log.warn("could not lower the encoder's priority: {error}", error=error)
 
 
 def make_store(settings: Settings, reactor: Any, pool: ThreadPool, metrics: Metrics) -> Store:
@@ -121,6 +145,7 @@ class IngestService(Service):
         settings = self.settings
 
         def encode() -> list[EncodedObject]:
+            _lower_this_threads_priority()
             with self.metrics.encode_seconds.time():
                 return encode_batch_safely(
                     batch, validated=settings.validate_json, prefix=settings.prefix,
