@@ -1,25 +1,35 @@
-"""The framework floor: a bare twisted.web Resource that answers 202 to a
-POST and does nothing else, served on the same reactor twistd uses.
+"""The framework floors: a bare handler that answers 202 to a POST and does
+nothing else, served on the same reactor twistd uses.
 
 Run as a subprocess by bench/run.py: `python bench/baseline_server.py PORT
-[--stock]`. Like estat-ingest's IngestSite it writes no access log and its
-Request does not parse form bodies, so the two differ only by what estat does
-per request. `--stock` keeps Twisted's defaults instead: a stock Request
-parses every POST's Content-Type with the `email` package (to look for a
-form), which costs about a third of the throughput, so a stock baseline is
-slower than estat-ingest itself and is no floor.
+[--stock | --httptools]`.
+
+- default: a bare twisted.web Resource, the issue's `baseline`. Like
+  estat-ingest it writes no access log and its Request does not parse form
+  bodies.
+- `--stock`: the same Resource on Twisted's defaults. A stock Request parses
+  every POST's Content-Type with the `email` package (to look for a form),
+  which costs about a third of the throughput, so it is no floor.
+- `--httptools`: a bare Twisted Protocol parsed by httptools, the same
+  parser and framing estat-ingest's listener uses (estat.channel), answering
+  the same headers (Date, Content-Type, Content-Length). The floor of
+  estat's own stack: the gap to it is what estat does per request.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from email.utils import formatdate
 from typing import Any
 
 from twisted.internet import default
 
 default.install()  # the reactor twistd picks (epoll on Linux)
 
+from httptools import HttpParserError, HttpRequestParser  # noqa: E402
 from twisted.internet import reactor  # noqa: E402
+from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import Request, Site  # noqa: E402
 
@@ -60,12 +70,50 @@ class StockSite(Site):
     the legacy log's buffer, as no observer is started)."""
 
 
+_date = [0, b""]
+
+
+def http_date() -> bytes:
+    """The Date header, formatted once per second (as estat does)."""
+    now = int(time.time())
+    if now != _date[0]:
+        _date[:] = [now, formatdate(now, usegmt=True).encode()]
+    return _date[1]  # type: ignore[return-value]
+
+
+class AcceptProtocol(Protocol):
+    """202 to every request, parsed by httptools; keep-alive as the client
+    asks."""
+
+    def connectionMade(self) -> None:
+        self.parser = HttpRequestParser(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except HttpParserError:
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 202 Accepted\r\nDate: %s\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (http_date(), len(ACCEPTED_BODY), ACCEPTED_BODY))
+        if not self.parser.should_keep_alive():
+            self.transport.loseConnection()
+
+
 def main(argv: list[str]) -> None:
     """Listen on 127.0.0.1:PORT until SIGTERM or SIGINT."""
     port = int(argv[1])
-    site_class = StockSite if "--stock" in argv[2:] else QuietSite
-    reactor.listenTCP(port, site_class(AcceptResource()), interface="127.0.0.1")
-    print(f"baseline ({site_class.__name__}) listening on 127.0.0.1:{port} with "
+    factory: Factory
+    if "--httptools" in argv[2:]:
+        factory = Factory.forProtocol(AcceptProtocol)
+    else:
+        factory = (StockSite if "--stock" in argv[2:] else QuietSite)(AcceptResource())
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    print(f"baseline ({type(factory).__name__}) listening on 127.0.0.1:{port} with "
           f"{type(reactor).__name__}", flush=True)
     reactor.run()
 

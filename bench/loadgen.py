@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Optional
 
+from procs import pinned
+
 JSON_TYPE = "application/json"
 NDJSON_TYPE = "application/x-ndjson"
 _MARKER = "BENCH_JSON "
@@ -271,15 +273,15 @@ def write_script(workdir: str, name: str, body: bytes, content_type: str,
 
 
 def run_wrk(wrk: str, url: str, script: str, duration_s: float, connections: int,
-            threads: int, log_path: str) -> WrkResult:
+            threads: int, log_path: str, cpus: Optional[str] = None) -> WrkResult:
     """Run wrk against a loopback URL for `duration_s` seconds and parse its
     result; wrk is killed (with its group) if it overruns or we are
     interrupted."""
     if not url.startswith("http://127.0.0.1:"):
         raise ValueError(f"refusing to load anything but loopback: {url}")
     usage_before = _children_cpu()
-    argv = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
-            "--timeout", "5s", "-s", script, url]
+    argv = pinned(cpus) + [wrk, f"-t{threads}", f"-c{connections}",
+                           f"-d{max(1, round(duration_s))}s", "--timeout", "5s", "-s", script, url]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True, text=True)
     try:

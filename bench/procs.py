@@ -41,6 +41,11 @@ def http_status(url: str, timeout: float = 2.0, method: str = "GET",
         return None
 
 
+def pinned(cpus: Optional[str]) -> list[str]:
+    """The argv prefix that runs a command on `cpus` only (taskset), if any."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
 class Child:
     """A subprocess in its own session (so a terminal's Ctrl-C reaches only
     the harness, which then stops it), logging to a file."""

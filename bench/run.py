@@ -35,8 +35,10 @@ from servers import Baseline, Estat, parse_metrics
 from stores import Moto, count_files, count_local_events, list_local_objects
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-SCENARIOS = ("baseline", "single-local", "batch-local", "single-s3", "batch-s3")
+SCENARIOS = ("baseline", "baseline-httptools", "single-local", "batch-local", "single-s3",
+             "batch-s3")
 OPTIONAL_SCENARIOS = ("baseline-stock",)  # run only when named
+BASELINES = ("baseline", "baseline-httptools", "baseline-stock")
 BATCH_EVENTS = 100
 CLEAN_STOP_CODES = (-15, 143, 0)
 ACCEPTED = "estat_events_accepted_total"
@@ -85,6 +87,13 @@ class Options:
     latency: bool = False  # a fixed-rate run after each scenario's wrk run
     latency_fraction: float = 0.5  # of the req/s the wrk run reached
     latency_duration: float = 10.0
+    pin: bool = False  # the server on CPU 1, wrk on CPU 0
+
+    def server_cpus(self) -> Optional[str]:
+        return "1" if self.pin else None
+
+    def wrk_cpus(self) -> Optional[str]:
+        return "0" if self.pin else None
 
 
 # --- measuring one server ------------------------------------------------
@@ -103,7 +112,7 @@ def measure(wrk: str, url: str, script: str, pid: int, opts: Options,
                               if fixed_rate else (opts.duration, opts.threads, "wrk.log"))
     cpu_before = procs.tree_cpu_seconds(pid)
     result = loadgen.run_wrk(wrk, url, script, duration, opts.connections, threads,
-                             os.path.join(logdir, log))
+                             os.path.join(logdir, log), cpus=opts.wrk_cpus())
     time.sleep(0.3)  # let the server finish requests wrk abandoned at the end
     cpu_after = procs.tree_cpu_seconds(pid)
     if set(cpu_before) != set(cpu_after) and notes is not None:
@@ -187,9 +196,11 @@ def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: by
                          "response, or wrk was not scheduled in time); the latency columns "
                          "count that wait, 'p99 ms from send' does not")
     if row.latency_wrk_cores > 0.7:
-        row.notes.append(f"fixed rate: wrk used {row.latency_wrk_cores:.0%} of a core: on "
-                         f"{os.cpu_count()} cores shared with the server, the generator's "
-                         "own scheduling delays may be part of the late sends and latency")
+        where = ("on its one CPU" if opts.pin
+                 else f"on {os.cpu_count()} cores shared with the server")
+        row.notes.append(f"fixed rate: wrk used {row.latency_wrk_cores:.0%} of a core: {where}, "
+                         "the generator's own scheduling delays may be part of the late sends "
+                         "and latency")
     errors = result.socket_errors()
     if errors:
         row.notes.append("fixed rate: wrk socket errors: "
@@ -197,13 +208,14 @@ def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: by
     return result
 
 
-def run_baseline(wrk: str, opts: Options, logdir: str, stock: bool = False) -> Row:
-    """The framework floor: a bare Resource answering 202 (with `stock`,
-    on Twisted's default Request and Site instead of estat's lean ones)."""
-    row = Row("baseline-stock" if stock else "baseline", "-")
+def run_baseline(wrk: str, opts: Options, logdir: str, name: str) -> Row:
+    """A framework floor: a bare handler answering 202 (`baseline`: a
+    twisted.web Resource; `-stock`: on Twisted's default Request and Site;
+    `-httptools`: a Protocol parsed by httptools, as estat's listener is)."""
+    row = Row(name, "-")
     body = loadgen.single_event()
     script = loadgen.write_script(logdir, "baseline", body, loadgen.JSON_TYPE)
-    server = Baseline(logdir, stock)
+    server = Baseline(logdir, name.partition("-")[2], cpus=opts.server_cpus())
     try:
         result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir)
         row.peak_rss_mib = procs.peak_rss_mib(server.child.pid)
@@ -234,7 +246,7 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         env.update(moto.server_env(bucket))
     server: Optional[Estat] = None
     try:
-        server = Estat(logdir, datadir, env, workers)
+        server = Estat(logdir, datadir, env, workers, cpus=opts.server_cpus())
         status = loadgen.probe(server.url, body, ctype)
         if status == 415:
             server.stop(30)
@@ -407,8 +419,10 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("-s", "--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated subset of " + ", ".join(SCENARIOS)
                              + " (default: all of them); 'single', 'batch', 'local' and "
-                             "'s3' select groups; 'baseline-stock' (opt-in) is the "
-                             "baseline on Twisted's default Request and Site")
+                             "'s3' select groups; 'baseline-httptools' is a bare "
+                             "httptools Protocol (estat's own stack); 'baseline-stock' "
+                             "(opt-in) is the baseline on Twisted's default Request and "
+                             "Site")
     parser.add_argument("-w", "--workers", default="1",
                         help="comma-separated worker counts, e.g. 1,2 (default 1): every "
                              "estat scenario runs once per count (WORKERS=N), the baseline "
@@ -426,9 +440,16 @@ def parse_args(argv: list[str]) -> Options:
                              "(default 0.5)")
     parser.add_argument("--latency-duration", type=float, default=None,
                         help="seconds of the fixed-rate run (default 10; 3 with --quick)")
+    parser.add_argument("--pin", action="store_true",
+                        help="run each server on CPU 1 and wrk on CPU 0 (taskset), so that "
+                             "neither takes the other's core; one worker only")
     args = parser.parse_args(argv)
     if not 0 < args.latency_fraction <= 1:
         parser.error("--latency-fraction: give a number in (0, 1]")
+    if args.pin and worker_counts(args.workers, parser) != [1]:
+        parser.error("--pin: one worker only (workers would share the server's one CPU)")
+    if args.pin and (os.cpu_count() or 1) < 2:
+        parser.error("--pin: needs 2 CPUs")
     return Options(
         duration=3.0 if args.quick else args.duration, connections=args.connections,
         threads=args.threads, scenarios=select(args.scenarios),
@@ -436,7 +457,8 @@ def parse_args(argv: list[str]) -> Options:
         event_queue_size=args.event_queue_size, results_dir=args.results_dir,
         latency=args.latency, latency_fraction=args.latency_fraction,
         latency_duration=(args.latency_duration if args.latency_duration is not None
-                          else 3.0 if args.quick else 10.0))
+                          else 3.0 if args.quick else 10.0),
+        pin=args.pin)
 
 
 def worker_counts(spec: str, parser: argparse.ArgumentParser) -> list[int]:
@@ -485,8 +507,8 @@ def run_one(name: str, wrk: str, opts: Options, rundir: str,
     print(f"== {label} ({opts.duration:g} s) ...", flush=True)
     kind, _, store = name.partition("-")
     try:
-        if name in ("baseline", "baseline-stock"):
-            return run_baseline(wrk, opts, logdir, stock=name == "baseline-stock")
+        if name in BASELINES:
+            return run_baseline(wrk, opts, logdir, name)
         moto = get_moto() if store == "s3" else None
         return run_estat(wrk, opts, logdir, kind, store, moto, workers or 1)
     except (RuntimeError, OSError, ValueError) as error:
@@ -560,9 +582,10 @@ def header(opts: Options, load: str) -> str:
     machine was before the run."""
     workers = (f"; estat with {', '.join(map(str, opts.workers))} workers"
                if show_workers(opts) else "")
+    cores = ("the server pinned to CPU 1 and wrk to CPU 0" if opts.pin
+             else f"{os.cpu_count()} cores shared by wrk and the server")
     return (f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration:g}s per scenario, "
-            f"loopback, {os.cpu_count()} cores shared by wrk and the server{workers}; load "
-            f"average before the run: {load}")
+            f"loopback, {cores}{workers}; load average before the run: {load}")
 
 
 def latency_header(opts: Options) -> str:

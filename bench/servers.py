@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from typing import Optional
 
-from procs import Child, free_port, http_status, wait_until
+from procs import Child, free_port, http_status, pinned, wait_until
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
@@ -17,13 +17,15 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 
 class Baseline:
-    """bench/baseline_server.py: 202 to every POST, nothing else."""
+    """bench/baseline_server.py: 202 to every POST, nothing else. `flavour`
+    is "" (twisted.web), "stock" or "httptools" (see that file)."""
 
-    def __init__(self, logdir: str, stock: bool = False) -> None:
+    def __init__(self, logdir: str, flavour: str = "", cpus: Optional[str] = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/collect"
-        argv = [sys.executable, os.path.join(BENCH_DIR, "baseline_server.py"), str(self.port)]
-        self.child = Child("baseline", argv + (["--stock"] if stock else []),
+        argv = pinned(cpus) + [sys.executable, os.path.join(BENCH_DIR, "baseline_server.py"),
+                               str(self.port)]
+        self.child = Child("baseline", argv + ([f"--{flavour}"] if flavour else []),
                            dict(os.environ), logdir, os.path.join(logdir, "server.log"))
         try:
             wait_until(lambda: http_status(self.url, method="POST", body=b"{}") == 202, 30,
@@ -42,7 +44,7 @@ class Estat:
     processes (WORKERS), which it stops on SIGTERM."""
 
     def __init__(self, logdir: str, datadir: str, extra_env: dict[str, str],
-                 workers: int = 1) -> None:
+                 workers: int = 1, cpus: Optional[str] = None) -> None:
         self.workers = workers
         self.port = free_port()
         self.admin_port = free_port()
@@ -60,7 +62,8 @@ class Estat:
             "WORKERS": str(workers),
             **extra_env,
         })
-        argv = [os.path.join(VENV_BIN, "twistd"), "--nodaemon", "--pidfile=", "estat-ingest"]
+        argv = pinned(cpus) + [os.path.join(VENV_BIN, "twistd"), "--nodaemon", "--pidfile=",
+                               "estat-ingest"]
         self.child = Child("estat-ingest", argv, env, datadir,
                            os.path.join(logdir, "server.log"))
         try:
