@@ -348,16 +348,21 @@ def fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def table_head(head: str, show_workers: bool) -> list[str]:
+    """A markdown table's header and rule, with a `workers` column after
+    `store` when asked."""
+    if show_workers:
+        head = head.replace("| store |", "| store | workers |")
+    return [head, "|" + "---|" * (head.count("|") - 1)]
+
+
 def table(rows: list[Row], show_workers: bool = False) -> str:
     """The markdown table, then one line per anomaly or note; with
     `show_workers` (`--workers` other than 1) a `workers` column too."""
-    head = ("| scenario | store | req/s | × baseline | × baseline by CPU | events/s | non-2xx | p50 ms | p99 ms "
-            "| server CPU s | CPU µs/req | peak RSS MiB | accepted | stored | accepted = stored |")
-    columns = 15
-    if show_workers:
-        head = head.replace("| store |", "| store | workers |")
-        columns += 1
-    lines = [head, "|" + "---|" * columns]
+    lines = table_head(
+        "| scenario | store | req/s | × baseline | × baseline by CPU | events/s | non-2xx | p50 ms "
+        "| p99 ms | server CPU s | CPU µs/req | peak RSS MiB | accepted | stored "
+        "| accepted = stored |", show_workers)
     for r in rows:
         workers = f" {fmt(r.workers, 'd')} |" if show_workers else ""
         lines.append(
@@ -376,14 +381,10 @@ def latency_table(rows: list[Row], show_workers: bool = False) -> str:
     """`--latency`: one line per row that had a fixed-rate run. The
     percentiles count from each request's scheduled send time; "p99 ms from
     send" from its actual send, as wrk does (they differ when sends were late)."""
-    head = ("| scenario | store | max req/s | target req/s | achieved req/s | p50 ms | p99 ms "
-            "| p99.9 ms | max ms | p99 ms from send | late sends | non-2xx | server cores "
-            "| wrk cores | accepted = stored |")
-    columns = 15
-    if show_workers:
-        head = head.replace("| store |", "| store | workers |")
-        columns += 1
-    lines = [head, "|" + "---|" * columns]
+    lines = table_head(
+        "| scenario | store | max req/s | target req/s | achieved req/s | p50 ms | p99 ms "
+        "| p99.9 ms | max ms | p99 ms from send | late sends | non-2xx | server cores "
+        "| wrk cores | accepted = stored |", show_workers)
     for r in rows:
         s = r.latency
         if s is None:

@@ -152,11 +152,7 @@ class RequestPathProperties(unittest.TestCase):
         else:
             raw = post_bytes(body, ctype)
         client = Exchange(site)
-        last = 0
-        for cut in sorted(set(c for c in cuts if c < len(raw))):
-            client.send(raw[last:cut])
-            last = cut
-        client.send(raw[last:])
+        client.send_in_pieces(raw, cuts)
         [(code, _, answer)] = client.responses()
         self.assertIn(code, (202, 400, 413, 415), answer)
         self.assertIn("status" if code == 202 else "error", json.loads(answer))
@@ -193,11 +189,7 @@ class ArbitraryBytesProperties(unittest.TestCase):
         site, queue, _ = make_site(Clock(), max_headers=8, max_header_bytes=256)
         raw = b"".join(head) + noise
         client = Exchange(site)
-        last = 0
-        for cut in sorted(set(c for c in cuts if c < len(raw))):
-            client.send(raw[last:cut])
-            last = cut
-        client.send(raw[last:])
+        client.send_in_pieces(raw, cuts)
         out = client.transport.value().replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
         for code, headers, body in Exchange.parse(out):
             self.assertLess(code, 500)

@@ -29,6 +29,14 @@ class Exchange:
     def send(self, data: bytes) -> None:
         self.channel.dataReceived(data)
 
+    def send_in_pieces(self, data: bytes, cuts: list[int]) -> None:
+        """Send `data` cut at the given offsets (out of range ones ignored)."""
+        last = 0
+        for cut in sorted(set(c for c in cuts if c < len(data))):
+            self.send(data[last:cut])
+            last = cut
+        self.send(data[last:])
+
     def send_and_read(self, data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
         self.send(data)
         return self.responses()
