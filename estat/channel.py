@@ -31,6 +31,7 @@ from estat.web import Answer, IngestState, Routes
 
 _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_KEEP_ALIVE = ((b"connection", b"keep-alive"),)
 
 
 class _Stop(Exception):
@@ -188,8 +189,12 @@ class IngestChannel(Protocol):
                          method=request.method, path=request.path)
             answer = Answer(500, error_body("internal_error"))
         close = answer.close or self.factory.closing or not self.parser.should_keep_alive()
+        headers = answer.headers
+        if not close and b"connection" in request.headers:
+            # An HTTP/1.0 client keeps the connection only if told it stays.
+            headers += _KEEP_ALIVE
         self.state.count_response(answer.code)
-        self._out.append(response(answer.code, answer.body, answer.headers, close,
+        self._out.append(response(answer.code, answer.body, headers, close,
                                   head_only=request.method == b"HEAD"))
         if close:
             self._done = True

@@ -53,8 +53,7 @@ class ChannelTests(unittest.TestCase):
         self.assertTrue(client.transport.disconnecting)
         client = Exchange(self.listener)
         [(code, headers, _)] = client.send_and_read(request % b"Connection: keep-alive\r\n")
-        self.assertEqual(code, 202)
-        self.assertNotIn(b"connection", headers)
+        self.assertEqual((code, headers[b"connection"]), (202, b"keep-alive"))
         self.assertFalse(client.transport.disconnecting)
 
     def test_connection_close_is_honoured_and_later_requests_ignored(self):
