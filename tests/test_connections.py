@@ -86,3 +86,32 @@ class CloseConnectionsTests(unittest.TestCase):
         yield all_closed
         yield slow.closed
         self.assertEqual(self.queue.pending, [])
+
+
+class ProxyProtocolTests(unittest.TestCase):
+    """Behind HAProxy (`LISTEN=haproxy:tcp:...`) the listener is wrapped by
+    Twisted's PROXY-protocol factory; requests still get their answers."""
+
+    @inlineCallbacks
+    def test_requests_after_a_proxy_header_are_served(self):
+        from twisted.internet import endpoints
+
+        queue: DeferredQueue = DeferredQueue(size=10)
+        state = IngestState(queue, Metrics(CollectorRegistry(), process=False), 1024, True)
+        state.started = True
+        listener = IngestListener(state)
+        port = yield endpoints.serverFromString(
+            reactor, "haproxy:tcp:0:interface=127.0.0.1").listen(listener)
+        self.addCleanup(port.stopListening)
+        client = RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield connectProtocol(endpoint, client)
+        self.addCleanup(client.transport.abortConnection)
+        request = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
+                   b"Content-Type: application/json\r\n\r\n{\"a\":%d}")
+        client.transport.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 8080\r\n"
+                               + request % 1 + request % 2)
+        yield poll_until(lambda: client.data.count(b"202 Accepted") == 2, 10,
+                         what="two answers through the PROXY wrapper")
+        self.assertEqual([body for _, body in queue.pending], [b'{"a":1}', b'{"a":2}'])
+        self.assertEqual(len(listener.channels), 1)
