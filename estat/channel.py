@@ -32,6 +32,7 @@ from estat.web import Answer, IngestState, Routes
 _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _KEEP_ALIVE = ((b"connection", b"keep-alive"),)
+_FEED_BYTES = 16 * 1024  # input parsed between two checks for a paused client
 
 
 class _Stop(Exception):
@@ -52,6 +53,9 @@ class IngestChannel(Protocol):
     _closing = False  # loseConnection was called
     _closing_at = 0.0
     _network: Optional[IPushProducer] = None  # the transport, when it can pause reading
+    _paused = False  # the client is not reading its answers
+    _held: Optional[memoryview] = None  # input not parsed while paused
+    _messages = 0  # requests begun on this connection
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -90,7 +94,27 @@ class IngestChannel(Protocol):
         self.last_active = now
         if self.started is None:
             self.started = now
+        if self._held is not None:  # input arriving while paused (TLS buffers)
+            self._held = memoryview(bytes(self._held) + data)
+        elif len(data) <= _FEED_BYTES and not self._paused:
+            self._parse(data)
+        else:
+            self._feed(memoryview(data))
+
+    def _feed(self, data: memoryview) -> None:
+        """Parse a piece at a time, writing its answers, and keep the rest
+        while the client is not reading them: one read of tiny pipelined
+        requests would otherwise turn into ~8 times its size in answers."""
+        while data and not self._done:
+            if self._paused:
+                self._held = data
+                return
+            piece, data = data[:_FEED_BYTES], data[_FEED_BYTES:]
+            self._parse(piece)
+
+    def _parse(self, data: bytes | memoryview) -> None:
         head_before = self._in_message and self._request is None
+        message = self._messages
         try:
             self.parser.feed_data(data)
         except HttpParserCallbackError as error:
@@ -103,9 +127,10 @@ class IngestChannel(Protocol):
             self._finish(raw_error(400, "bad_request"), 400, "bad_request")
         if not self._in_message:
             self.started = None
-        elif head_before and self._request is None and not self._done:
+        elif (head_before and message == self._messages and self._request is None
+              and not self._done):
             # httptools holds a header until its end: bound what it holds
-            # (the read that began the request is bounded by the read size).
+            # (the piece in which a request began is bounded by its size).
             self._head_bytes += len(data)
             if self._head_bytes > self.factory.max_head_bytes:
                 try:
@@ -132,6 +157,7 @@ class IngestChannel(Protocol):
     # httptools callbacks, in the order a request arrives
 
     def on_message_begin(self) -> None:
+        self._messages += 1
         self._in_message = True
         self._request = None
         self._url = []
@@ -250,11 +276,16 @@ class IngestChannel(Protocol):
     # IPushProducer: stop reading while the client does not read its answers
 
     def pauseProducing(self) -> None:
+        self._paused = True
         if self._network is not None:
             self._network.pauseProducing()
 
     def resumeProducing(self) -> None:
-        if self._network is not None and not self._done:
+        self._paused = False
+        held, self._held = self._held, None
+        if held is not None:
+            self._feed(held)
+        if self._network is not None and not self._done and not self._paused:
             self._network.resumeProducing()
 
     def stopProducing(self) -> None:

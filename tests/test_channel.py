@@ -131,3 +131,34 @@ class ChannelTests(unittest.TestCase):
         self.assertFalse(client.transport.disconnected)
         self.clock.advance(2)  # REQUEST_TIMEOUT after the close, by the next reaper round
         self.assertTrue(client.transport.disconnected)
+
+    def test_a_client_that_does_not_read_holds_little_and_loses_nothing(self):
+        """Tiny pipelined requests make ~8 times their size in answers: the
+        channel parses a piece at a time and stops while the transport's
+        buffer is full, then goes on where it stopped."""
+
+        class SmallBuffer(StringTransport):
+            def write(self, data: bytes) -> None:
+                super().write(data)
+                if len(self.value()) > 64 * 1024 and self.producerState == "producing":
+                    self.producer.pauseProducing()
+
+        transport = SmallBuffer()
+        channel = self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        channel.makeConnection(transport)
+        request = b"GET /healthz HTTP/1.1\r\n\r\n"
+        count = 65536 // len(request)
+        channel.dataReceived(request * count)
+        self.assertEqual(transport.producerState, "paused")
+        answers = 0
+        for _ in range(count):
+            written = transport.value()
+            self.assertLess(len(written), 64 * 1024 + 200 * 1024)
+            answers += written.count(b"HTTP/1.1 200 OK")
+            transport.clear()
+            if answers == count:
+                break
+            channel.resumeProducing()  # the client read everything
+        self.assertEqual(answers, count)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertFalse(transport.disconnecting)
