@@ -40,6 +40,7 @@ _log = Logger()
 # and cost a third of it).
 ENCODE_NICENESS = 5
 _reniced = threading.local()
+_reniced_failed: list[OSError] = []  # logged once, not per thread
 
 
 def _lower_this_threads_priority() -> None:
@@ -52,8 +53,10 @@ def _lower_this_threads_priority() -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, thread,
                        os.getpriority(os.PRIO_PROCESS, thread) + ENCODE_NICENESS)
-    except OSError as error:
-        _log.warn("could not lower the encoder's priority: {error}", error=error)
+    except OSError as error:  # a seccomp filter without setpriority, say
+        if not _reniced_failed:
+            _reniced_failed.append(error)
+            _log.info("encoder threads keep the process's priority: {error}", error=error)
 
 
 def make_store(settings: Settings, reactor: Any, pool: ThreadPool, metrics: Metrics) -> Store:
