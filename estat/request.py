@@ -14,18 +14,14 @@ import json
 import time
 import zlib
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any, Optional
 
 NDJSON = b"application/x-ndjson"
 _GZIP_ENCODINGS = (b"gzip", b"x-gzip")
 
-PHRASES = {
-    100: b"Continue", 200: b"OK", 202: b"Accepted", 204: b"No Content",
-    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
-    415: b"Unsupported Media Type", 431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error", 503: b"Service Unavailable",
-}
+# Every status's reason phrase, from the standard library's table.
+PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
 def error_body(error: str, **details: object) -> bytes:
