@@ -19,8 +19,6 @@ Run as a subprocess by bench/run.py: `python bench/baseline_server.py PORT
 from __future__ import annotations
 
 import sys
-import time
-from email.utils import formatdate
 from typing import Any
 
 from twisted.internet import default
@@ -32,6 +30,8 @@ from twisted.internet import reactor  # noqa: E402
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import Request, Site  # noqa: E402
+
+from estat.request import http_date  # noqa: E402  (the Date cache estat uses)
 
 ACCEPTED_BODY = b'{"status":"accepted"}\n'
 
@@ -68,17 +68,6 @@ class QuietSite(Site):
 class StockSite(Site):
     """Twisted's defaults: form parsing, and the access log (which goes to
     the legacy log's buffer, as no observer is started)."""
-
-
-_date = [0, b""]
-
-
-def http_date() -> bytes:
-    """The Date header, formatted once per second (as estat does)."""
-    now = int(time.time())
-    if now != _date[0]:
-        _date[:] = [now, formatdate(now, usegmt=True).encode()]
-    return _date[1]  # type: ignore[return-value]
 
 
 class AcceptProtocol(Protocol):
