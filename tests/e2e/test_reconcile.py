@@ -53,6 +53,27 @@ class Reconcile(unittest.TestCase):
             timeout, what="the upload pipeline to be idle")
 
     @inlineCallbacks
+    def _fault_under_load(self, harness: Harness, name: str, mode: str,  # type: ignore[no-untyped-def]
+                          dlq_entries: int):
+        """Start the server under load; after 600 events put the S3 proxy in
+        `mode` until `dlq_entries` DLQ entries exist, then back to pass for
+        600 more; stop the load and wait for the DLQ to drain."""
+        yield harness.start()
+        load = harness.load(name, connections=24, pause=0.02)
+        done = load.start()
+        yield poll_until(lambda: load.sent >= 600, 20, what="600 events sent")
+        yield harness.proxy.set_mode(mode)
+        yield harness.wait_for_dlq(lambda n: n >= dlq_entries, 20,
+                                   f"{dlq_entries} DLQ entries while S3 is in {mode} mode")
+        fault_sent = load.sent
+        yield harness.proxy.set_mode("pass")
+        yield poll_until(lambda: load.sent >= fault_sent + 600, 20,
+                         what="600 more events after S3 is back")
+        yield load.stop()
+        yield done
+        yield self._wait_for_drain(harness)
+
+    @inlineCallbacks
     def test_steady_load(self):
         """No faults: everything sent is accepted and stored, nothing goes
         to the DLQ, without needing the stop to flush it."""
@@ -73,19 +94,7 @@ class Reconcile(unittest.TestCase):
         """S3 refuses connections for a while under load: batches go to
         the DLQ, and drain to S3 once it is back."""
         harness = Harness(self, env={"S3_APP_RETRIES": "1"})
-        yield harness.start()
-        load = harness.load("outage", connections=24, pause=0.02)
-        done = load.start()
-        yield poll_until(lambda: load.sent >= 600, 20, what="600 events sent")
-        yield harness.proxy.set_mode("refuse")
-        yield harness.wait_for_dlq(lambda n: n >= 3, 20, "3 DLQ entries during the outage")
-        outage_sent = load.sent
-        yield harness.proxy.set_mode("pass")
-        yield poll_until(lambda: load.sent >= outage_sent + 600, 20,
-                         what="600 more events after S3 is back")
-        yield load.stop()
-        yield done
-        yield self._wait_for_drain(harness)
+        yield self._fault_under_load(harness, "outage", "refuse", dlq_entries=3)
         via_dlq, reuploaded = harness.metric(DLQ_IN), harness.metric(DLQ_OUT)
         report = yield self._stop_and_reconcile(harness, "S3 unavailable, then back", extra={
             "went through the DLQ (events)": f"{via_dlq:.0f} in, {reuploaded:.0f} re-uploaded"})
@@ -99,19 +108,7 @@ class Reconcile(unittest.TestCase):
         after S3_TIMEOUT, the batch goes to the DLQ, and the DLQ drains once
         S3 answers again."""
         harness = Harness(self, env={"S3_TIMEOUT": "1", "S3_APP_RETRIES": "0"})
-        yield harness.start()
-        load = harness.load("hang", connections=24, pause=0.02)
-        done = load.start()
-        yield poll_until(lambda: load.sent >= 600, 20, what="600 events sent")
-        yield harness.proxy.set_mode("hang")
-        yield harness.wait_for_dlq(lambda n: n >= 2, 20, "2 DLQ entries while S3 hangs")
-        hang_sent = load.sent
-        yield harness.proxy.set_mode("pass")
-        yield poll_until(lambda: load.sent >= hang_sent + 600, 20,
-                         what="600 more events after S3 answers again")
-        yield load.stop()
-        yield done
-        yield self._wait_for_drain(harness)
+        yield self._fault_under_load(harness, "hang", "hang", dlq_entries=2)
         via_dlq, reuploaded = harness.metric(DLQ_IN), harness.metric(DLQ_OUT)
         timeouts = harness.metric('estat_s3_put_failures_total{reason="timeout"}')
         report = yield self._stop_and_reconcile(harness, "S3 hangs, then answers", extra={
