@@ -11,7 +11,7 @@ Run as a subprocess by bench/run.py: `python bench/baseline_server.py PORT
   every POST's Content-Type with the `email` package (to look for a form),
   which costs about a third of the throughput, so it is no floor.
 - `--httptools`: a bare Twisted Protocol parsed by httptools, the same
-  parser and framing estat-ingest's listener uses (estat.channel), answering
+  parser and framing estat-ingest's listener uses (estat.http.channel), answering
   the same headers (Date, Content-Type, Content-Length). The floor of
   estat's own stack: the gap to it is what estat does per request.
 """
@@ -31,7 +31,7 @@ from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import Request, Site  # noqa: E402
 
-from estat.request import http_date  # noqa: E402  (the Date cache estat uses)
+from estat.http.request import http_date  # noqa: E402  (the Date cache estat uses)
 
 ACCEPTED_BODY = b'{"status":"accepted"}\n'
 

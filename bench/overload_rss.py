@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import loadgen  # noqa: E402  (bench/, this script's directory)
 import treq  # noqa: E402
 from treq.client import HTTPClient  # noqa: E402
 from twisted.internet import task  # noqa: E402
@@ -34,7 +35,6 @@ from twisted.internet.threads import deferToThread  # noqa: E402
 from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
-import loadgen  # noqa: E402  (bench/, this script's directory)
 from tests.e2e.proxy import FaultProxy  # noqa: E402
 from tests.support import EstatServer, MotoServer, poll_until  # noqa: E402
 

@@ -12,24 +12,31 @@ from typing import Any, Optional, Sequence
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList, DeferredQueue, inlineCallbacks
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredQueue,
+    inlineCallbacks,
+)
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 import estat
+from estat.admin import AdminSite, HealthResource, MetricsPage, ReadyResource
 from estat.auth import TokensFileError, WriteKeys
-from estat.batcher import Batcher
-from estat.channel import IngestListener
+from estat.codec import encode_batch_safely
+from estat.collect import IngestState
 from estat.config import Settings
-from estat.deadletter import DeadLetterQueue
-from estat.encode import Batch, EncodedObject, encode_batch_safely
-from estat.localstore import LocalStore
+from estat.dlq.spool import DeadLetterQueue
+from estat.http.channel import IngestListener
 from estat.metrics import Metrics
-from estat.store import Store
-from estat.uploader import Uploader
-from estat.web import AdminSite, HealthResource, IngestState, MetricsPage, ReadyResource
+from estat.model import Batch, EncodedObject
+from estat.pipeline.batcher import Batcher
+from estat.pipeline.uploader import Uploader
+from estat.stores.base import Store
+from estat.stores.local import LocalStore
 
 _log = Logger()
 
@@ -63,7 +70,7 @@ def make_store(settings: Settings, reactor: Any, pool: ThreadPool, metrics: Metr
     """S3 when S3_BUCKET is set, else the local directory: the one place
     that choice is made (the server and `estat-dlq replay` both use it)."""
     if settings.s3_bucket:
-        from estat.s3 import make_s3_store
+        from estat.stores.s3 import make_s3_store
 
         return make_s3_store(settings, reactor, pool, metrics)
     return LocalStore(settings.output_dir, reactor, pool)

@@ -45,14 +45,14 @@ def validate_environment(settings: Settings) -> None:
         check_endpoint("LISTEN", description)
     check_endpoint("ADMIN_LISTEN", settings.admin_listen)
     if settings.s3_bucket:
-        from estat.s3 import check_s3_settings
+        from estat.stores.s3 import check_s3_settings
 
         check_s3_settings(settings)
     else:
         check_directory("OUTPUT_DIR", settings.output_dir)
     check_directory("DLQ_DIR", settings.dlq_dir)
     if settings.workers > 1:
-        from estat.workers import tcp_listen_address
+        from estat.workers.supervisor import tcp_listen_address
 
         for description in settings.listen:
             tcp_listen_address(description)
@@ -106,7 +106,7 @@ def makeService(options: Options) -> IService:
     assert options.settings is not None
     reactor_: Any = reactor
     if options.settings.workers > 1:
-        from estat.workers import WorkerSupervisor
+        from estat.workers.supervisor import WorkerSupervisor
 
         return WorkerSupervisor(options.settings, reactor_)
     from estat.service import IngestService

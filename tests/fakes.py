@@ -7,8 +7,9 @@ from typing import Optional
 
 from twisted.internet.defer import Deferred, succeed
 
-from estat.encode import Batch, EncodedObject, encode_batch
-from estat.store import StoreError
+from estat.codec import encode_batch
+from estat.model import Batch, EncodedObject
+from estat.stores.base import StoreError
 
 
 class FakeStore:

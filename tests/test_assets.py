@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from estat.config import OPTIONS, Settings, parse_positive_seconds
 from estat.metrics import STORE_FAILURE_REASONS, Metrics
-from estat.workers import WorkerSupervisor
+from estat.workers.supervisor import WorkerSupervisor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALERTS = os.path.join(ROOT, "etc", "prometheus", "estat-alerts.yml")

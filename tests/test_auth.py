@@ -12,10 +12,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.auth import TokensFileError, WriteKeys, parse_tokens, read_tokens_file
-from estat.channel import IngestListener
-from estat.encode import Batch, encode_batch
+from estat.codec import encode_batch
+from estat.collect import IngestState
+from estat.http.channel import IngestListener
 from estat.metrics import Metrics
-from estat.web import IngestState
+from estat.model import Batch
 from tests.support import make_workdir
 from tests.test_web import Exchange, post_bytes
 
@@ -113,7 +114,7 @@ class AuthenticatedCollectTests(unittest.TestCase):
                                          extra=b"X-Write-Key: %s\r\n" % KEY_B.encode()))
         self.assertEqual(code, 202)
         self.assertEqual(self.queue.pending,
-                         [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}'), (7, b'{"b":2}')])
+                         [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}', ""), (7, b'{"b":2}', "")])
         objects = encode_batch(Batch(list(self.queue.pending), 0, "ID", "size"), validated=True,
                                prefix="raw", raw_prefix="raw_dlq", host_id="h")
         keys = {o.key: [json.loads(l)["body"] for l in gzip.decompress(o.data).splitlines()]

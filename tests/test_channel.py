@@ -1,4 +1,4 @@
-"""The HTTP/1.1 connection itself (estat.channel): what twisted.web used to
+"""The HTTP/1.1 connection itself (estat.http.channel): what twisted.web used to
 do for us and the httptools-based channel now does on its own, driven with
 raw bytes over an in-memory transport and a Clock."""
 
@@ -13,9 +13,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from estat.channel import IngestListener
+from estat.collect import IngestState
+from estat.http.channel import IngestListener
 from estat.metrics import Metrics
-from estat.web import IngestState
 from tests.test_web import Exchange, post_bytes
 
 
@@ -35,7 +35,7 @@ class ChannelTests(unittest.TestCase):
         client.send(post_bytes(b'{"n":1}') + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
                     + post_bytes(b"[2]") + post_bytes(b'{"n":3}'))
         self.assertEqual([code for code, _, _ in client.responses()], [202, 404, 400, 202])
-        self.assertEqual([body for _, body in self.queue.pending], [b'{"n":1}', b'{"n":3}'])
+        self.assertEqual([event.body for event in self.queue.pending], [b'{"n":1}', b'{"n":3}'])
         self.assertFalse(client.transport.disconnecting)
 
     def test_every_answer_has_a_date_and_a_length(self):

@@ -12,9 +12,9 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from estat.channel import IngestListener
+from estat.collect import IngestState
+from estat.http.channel import IngestListener
 from estat.metrics import Metrics
-from estat.web import IngestState
 from tests.support import poll_until
 
 
@@ -70,7 +70,7 @@ class CloseConnectionsTests(unittest.TestCase):
         yield all_closed
         self.assertIn(b"503 Service Unavailable", busy.data)
         self.assertIn(b"shutting_down", busy.data)
-        self.assertEqual([body for _, body in self.queue.pending], [b'{"a":1}'])
+        self.assertEqual([event.body for event in self.queue.pending], [b'{"a":1}'])
 
     @inlineCallbacks
     def test_a_client_that_never_finishes_is_aborted_after_the_grace(self):
@@ -113,5 +113,5 @@ class ProxyProtocolTests(unittest.TestCase):
                                + request % 1 + request % 2)
         yield poll_until(lambda: client.data.count(b"202 Accepted") == 2, 10,
                          what="two answers through the PROXY wrapper")
-        self.assertEqual([body for _, body in queue.pending], [b'{"a":1}', b'{"a":2}'])
+        self.assertEqual([event.body for event in queue.pending], [b'{"a":1}', b'{"a":2}'])
         self.assertEqual(len(listener.channels), 1)

@@ -22,12 +22,13 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 import estat
-from estat import dlqdisk
-from estat.deadletter import DeadLetterQueue
-from estat.encode import Batch, EncodedObject, encode_batch
-from estat.localstore import LocalStore
+from estat.codec import encode_batch
+from estat.dlq import disk as dlqdisk
+from estat.dlq.spool import DeadLetterQueue
 from estat.metrics import Metrics
-from estat.store import PermanentStoreError, RetryableStoreError, StoreError
+from estat.model import Batch, EncodedObject, Event
+from estat.stores.base import PermanentStoreError, RetryableStoreError, StoreError
+from estat.stores.local import LocalStore
 from tests.support import REPO_ROOT, make_workdir, poll_until, read_objects
 
 RETRYABLE = RetryableStoreError("connection", "ConnectionRefused", "connection refused")
@@ -101,7 +102,7 @@ class FakeStore:
 
 def make_object(n: int, events: int = 3) -> EncodedObject:
     """A real encoded object (so its gzip verifies) with a unique key."""
-    batch = Batch([(1_700_000_000_000 + n * 1000 + i, b'{"n":%d,"i":%d}' % (n, i))
+    batch = Batch([Event(1_700_000_000_000 + n * 1000 + i, b'{"n":%d,"i":%d}' % (n, i))
                    for i in range(events)], 0, f"BATCH{n:04d}", "size")
     return encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
                         host_id="test")[0]
@@ -252,8 +253,8 @@ class Spooling(unittest.TestCase):
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
-    from estat import dlqdisk
-    from estat.store import StoreError
+    from estat.dlq import disk as dlqdisk
+    from estat.stores.base import StoreError
     from tests.test_deadletter import make_object
     point, root = sys.argv[1], sys.argv[2]
     counts = {}
@@ -532,7 +533,7 @@ class Draining(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
 
     def test_raw_objects_are_spooled_and_reuploaded_like_any_batch(self) -> None:
-        batch = Batch([(1_700_000_000_000, b"not json")], 0, "RAWBATCH", "size")
+        batch = Batch([Event(1_700_000_000_000, b"not json")], 0, "RAWBATCH", "size")
         [raw] = encode_batch(batch, validated=False, prefix="raw", raw_prefix="raw_dlq",
                              host_id="test")
         self.assertEqual(raw.kind, "raw")

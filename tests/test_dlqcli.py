@@ -12,7 +12,7 @@ from typing import Optional
 
 from twisted.trial import unittest
 
-from estat import dlqdisk
+from estat.dlq import disk as dlqdisk
 from tests.support import REPO_ROOT, make_workdir, read_objects
 from tests.test_deadletter import RETRYABLE, make_object
 

@@ -7,19 +7,25 @@ import gzip
 import json
 import re
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from estat.encode import (
-    Batch, body_error, strict_body_error, encode_batch, encode_batch_safely, event_line, new_batch_id,
-    object_key, verify_gzip, gzip_bytes,
+from estat.codec import (
+    encode_batch,
+    encode_batch_safely,
+    event_line,
+    gzip_bytes,
+    verify_gzip,
 )
+from estat.model import Batch, Event, new_batch_id, object_key
+from estat.validate import body_error, strict_body_error
 
 TS = 1700000000123  # 2023-11-14T22:13:20.123Z
 
 
 def batch(*bodies: bytes) -> Batch:
-    events = [(TS + i, body) for i, body in enumerate(bodies)]
+    events = [Event(TS + i, body) for i, body in enumerate(bodies)]
     return Batch(events, sum(len(b) for b in bodies), "01HF0000000000000000000000", "size")
 
 
@@ -70,12 +76,12 @@ class EncodeTests(unittest.TestCase):
         self.assertEqual(raw.kind, "raw")
 
     def test_unexpected_encoder_failure_keeps_everything_raw(self):
-        import estat.encode
+        import estat.codec
 
         def broken(events):
             raise RuntimeError("boom")
 
-        self.patch(estat.encode, "_fast_text", broken)
+        self.patch(estat.codec, "_fast_text", broken)
         [raw] = encode_batch_safely(batch(b'{"a":1}', b'{"b":2}'), validated=True,
                                     prefix="raw", raw_prefix="raw_dlq", host_id="h")
         records = [json.loads(l) for l in lines_of(raw.data)[:-1]]
@@ -114,7 +120,7 @@ class EncodeTests(unittest.TestCase):
         output: the result is one gzip member that any reader inflates."""
         import zlib
 
-        events = [(TS + i, b'{"n":%d,"pad":"%s"}' % (i, b"x" * (i % 5000))) for i in range(3000)]
+        events = [Event(TS + i, b'{"n":%d,"pad":"%s"}' % (i, b"x" * (i % 5000))) for i in range(3000)]
         [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
                              raw_prefix="raw_dlq", host_id="h")
         text = gzip.decompress(obj.data)
@@ -186,14 +192,14 @@ class EncodeProperties(unittest.TestCase):
     def test_the_fast_path_writes_what_event_line_writes(self, bodies, segmented):
         """Valid events without a segment take a C-level path in slices;
         with one segmented event, the loop per event. Same text either way."""
-        events = [(TS + i, body) for i, body in enumerate(bodies)]
-        expected = b"".join(event_line(ts, body) for ts, body in events)
+        events = [Event(TS + i, body) for i, body in enumerate(bodies)]
+        expected = b"".join(event_line(ts, body) for ts, body, _ in events)
         [fast] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
                               raw_prefix="raw_dlq", host_id="h")
         self.assertEqual(gzip.decompress(fast.data), expected)
         self.assertEqual(fast.uncompressed_bytes, len(expected))
         if segmented:
-            events[0] = (TS, bodies[0], "source=web")
+            events[0] = Event(TS, bodies[0], "source=web")
             objects = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
                                    raw_prefix="raw_dlq", host_id="h")
             text = b"".join(gzip.decompress(o.data) for o in reversed(objects))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -13,13 +14,14 @@ from twisted.internet.defer import DeferredQueue, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from estat.channel import IngestListener
-from estat.encode import Batch, encode_batch
+from estat.codec import encode_batch
+from estat.collect import IngestState
+from estat.http.channel import IngestListener
 from estat.metrics import Metrics
-from estat.web import IngestState
+from estat.model import Batch
+from tests.support import poll_until
 from tests.test_connections import RawClient
 from tests.test_web import Exchange, post_bytes
-from tests.support import poll_until
 
 
 def make_site(clock, **limits):
@@ -161,14 +163,14 @@ class RequestPathProperties(unittest.TestCase):
             self.assertTrue(queue.pending)
             events = list(queue.pending)
             if ctype != b"application/x-ndjson":
-                self.assertEqual(events, [(1, body)])
+                self.assertEqual(events, [(1, body, "")])
             [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
                                  raw_prefix="raw_dlq", host_id="h")
             import gzip
 
             lines = gzip.decompress(obj.data).splitlines()
             self.assertEqual([json.loads(l)["body"] for l in lines],
-                             [json.loads(b) for _, b in events])
+                             [json.loads(e.body) for e in events])
         else:
             self.assertEqual(queue.pending, [])
 

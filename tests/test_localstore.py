@@ -9,10 +9,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from estat import localstore
-from estat.encode import Batch, encode_batch
-from estat.localstore import LocalStore, write_atomically
-from estat.store import RetryableStoreError
+from estat.codec import encode_batch
+from estat.model import Batch, Event
+from estat.stores import local as localstore
+from estat.stores.base import RetryableStoreError
+from estat.stores.local import LocalStore, write_atomically
 from tests.support import make_workdir
 
 
@@ -24,7 +25,7 @@ class LocalStoreTests(unittest.TestCase):
         self.addCleanup(self.pool.stop)
 
     def obj(self):
-        batch = Batch([(1700000000000, b'{"a":1}')], 7, "01ID", "size")
+        batch = Batch([Event(1700000000000, b'{"a":1}')], 7, "01ID", "size")
         [obj] = encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
                              host_id="h")
         return obj

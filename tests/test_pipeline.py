@@ -11,12 +11,13 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from estat.batcher import Batcher
-from estat.channel import IngestListener
+from estat.collect import IngestState
+from estat.http.channel import IngestListener
 from estat.metrics import Metrics
-from estat.store import PermanentStoreError, RetryableStoreError
-from estat.uploader import Uploader
-from estat.web import IngestState
+from estat.model import Event
+from estat.pipeline.batcher import Batcher
+from estat.pipeline.uploader import Uploader
+from estat.stores.base import PermanentStoreError, RetryableStoreError
 from tests.fakes import FakeStore, RecordingSpool, sync_encoder
 from tests.test_web import Exchange, post_bytes
 
@@ -43,7 +44,7 @@ class PipelineTests(unittest.TestCase):
     def put(self, n, start=0, size=0):
         for i in range(start, start + n):
             body = json.dumps({"n": i, "pad": "x" * size}).encode()
-            self.queue.put((1700000000000 + i, body))
+            self.queue.put(Event(1700000000000 + i, body))
 
     def stored_numbers(self):
         numbers = []
@@ -88,7 +89,7 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(first.event_count, 2)
         self.assertEqual(len(self.uploader._queue), 1)
         queued = self.uploader._queue[0]
-        self.assertEqual([b for _, b in queued.events],
+        self.assertEqual([e.body for e in queued.events],
                          [b'{"n": 2, "pad": ""}', b'{"n": 3, "pad": ""}'])
         self.assertIsNot(queued.events, self.batcher._events)
 

@@ -18,7 +18,13 @@ from botocore.exceptions import NoCredentialsError
 from prometheus_client import CollectorRegistry
 from treq.testing import StubTreq
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    inlineCallbacks,
+    maybeDeferred,
+)
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -28,10 +34,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 import estat
+from estat.codec import encode_batch
 from estat.config import ConfigError, Settings
-from estat.encode import Batch, EncodedObject, encode_batch
 from estat.metrics import Metrics
-from estat.s3 import (
+from estat.model import Batch, EncodedObject, Event
+from estat.stores.base import PermanentStoreError, RetryableStoreError
+from estat.stores.s3 import (
     S3Location,
     S3Store,
     check_s3_settings,
@@ -42,8 +50,12 @@ from estat.s3 import (
     resolve_region,
     sign_put,
 )
-from estat.s3_errors import S3ErrorBody, classify_exception, classify_response, parse_error_body
-from estat.store import PermanentStoreError, RetryableStoreError
+from estat.stores.s3_errors import (
+    S3ErrorBody,
+    classify_exception,
+    classify_response,
+    parse_error_body,
+)
 from estat.tap import validate_environment
 from tests.support import MotoServer, make_workdir
 
@@ -51,8 +63,8 @@ TS_MS = 1_700_000_000_123  # 2023-11-14 22:13:20 UTC
 
 
 def make_object(count: int = 3, batch_id: str = "01HF0000000000000000000000") -> EncodedObject:
-    events = [(TS_MS + i, json.dumps({"n": i}).encode()) for i in range(count)]
-    batch = Batch(events=events, body_bytes=sum(len(b) for _, b in events),
+    events = [Event(TS_MS + i, json.dumps({"n": i}).encode()) for i in range(count)]
+    batch = Batch(events=events, body_bytes=sum(len(e.body) for e in events),
                   batch_id=batch_id, trigger="size")
     [obj] = encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
                          host_id="host-1")

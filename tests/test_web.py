@@ -12,10 +12,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from estat.channel import IngestListener
+from estat.collect import IngestState
+from estat.http.channel import IngestListener
+from estat.http.request import IngestRequest
 from estat.metrics import Metrics
-from estat.request import IngestRequest
-from estat.web import IngestState
+from estat.model import Event
 
 
 class Exchange:
@@ -94,14 +95,14 @@ class CollectTests(unittest.TestCase):
         self.assertEqual(code, 202)
         self.assertEqual(json.loads(answer), {"status": "accepted"})
         self.assertEqual(headers[b"content-type"], b"application/json")
-        self.assertEqual(self.queue.pending, [(1700000000123, body)])
+        self.assertEqual(self.queue.pending, [(1700000000123, body, "")])
         self.assertEqual(self.metric("estat_events_accepted_total"), 1)
         self.assertEqual(self.metric("estat_http_requests_total", code="202"), 1)
 
     def test_keep_alive_connection_serves_several_requests(self):
         answers = self.exchange(post_bytes(b'{"a":1}') + post_bytes(b'{"a":2}'))
         self.assertEqual([a[0] for a in answers], [202, 202])
-        self.assertEqual([body for _, body in self.queue.pending], [b'{"a":1}', b'{"a":2}'])
+        self.assertEqual([event.body for event in self.queue.pending], [b'{"a":1}', b'{"a":2}'])
 
     def test_rejects_what_is_not_one_json_object(self):
         for body in [b"", b"nope", b"[1,2]", b'"text"', b"3", b'{"a":NaN}',
@@ -155,7 +156,7 @@ class CollectTests(unittest.TestCase):
             b"POST /collect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n")
         self.assertEqual(code, 202)
-        self.assertEqual(self.queue.pending[0][1], b'{"a":1}')
+        self.assertEqual(self.queue.pending[0].body, b'{"a":1}')
 
     def test_multipart_and_real_forms_are_unsupported_but_curl_json_is_accepted(self):
         multipart = (b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--b--\r\n")
@@ -165,7 +166,7 @@ class CollectTests(unittest.TestCase):
             post_bytes(b'{"event":"x"}', b"application/x-www-form-urlencoded"))
         self.assertEqual([a[0] for a in answers], [415, 415, 202])
         self.assertEqual(json.loads(answers[0][2])["error"], "unsupported_media_type")
-        self.assertEqual(self.queue.pending[0][1], b'{"event":"x"}')
+        self.assertEqual(self.queue.pending[0].body, b'{"event":"x"}')
         self.assertEqual(
             self.metric("estat_events_rejected_total", reason="unsupported_media_type"), 2)
 
@@ -210,7 +211,7 @@ class CollectTests(unittest.TestCase):
         answers = self.exchange(get % b"healthz", get % b"readyz")
         self.assertEqual([a[0] for a in answers], [200, 200])
         for _ in range(3):
-            self.queue.put((1, b"{}"))
+            self.queue.put(Event(1, b"{}"))
         self.assertEqual(self.exchange(get % b"readyz")[0][0], 503)
         self.queue.pending.clear()
         self.state.draining = True
@@ -248,7 +249,7 @@ class BatchAndGzipTests(unittest.TestCase):
     def test_ndjson_batch_is_accepted_whole_line_by_line(self):
         code, answer = self.send(b'{"a":1}\n{"a":2}\r\n\n{"a":3}\n')
         self.assertEqual((code, answer), (202, {"status": "accepted", "events": 3}))
-        self.assertEqual(self.queue.pending, [(5, b'{"a":1}'), (5, b'{"a":2}'), (5, b'{"a":3}')])
+        self.assertEqual(self.queue.pending, [(5, b'{"a":1}', ""), (5, b'{"a":2}', ""), (5, b'{"a":3}', "")])
         self.assertEqual(self.registry.get_sample_value("estat_events_accepted_total"), 3)
 
     def test_a_bad_line_refuses_the_whole_batch_and_names_the_line(self):
@@ -271,7 +272,7 @@ class BatchAndGzipTests(unittest.TestCase):
 
     def test_batch_that_does_not_fit_the_queue_is_refused_whole(self):
         for i in range(8):
-            self.queue.put((1, b"{}"))
+            self.queue.put(Event(1, b"{}"))
         code, answer = self.send(b'{"a":1}\n{"a":2}\n{"a":3}\n')
         self.assertEqual((code, answer["error"]), (503, "queue_full"))
         self.assertEqual(len(self.queue.pending), 8)
@@ -285,7 +286,7 @@ class BatchAndGzipTests(unittest.TestCase):
         self.assertEqual(code, 202)
         code, answer = self.send(gzip_of(b'{"a":1}\n{"a":2}\n'), extra=b"Content-Encoding: gzip\r\n")
         self.assertEqual((code, answer["events"]), (202, 2))
-        self.assertEqual([b for _, b in self.queue.pending],
+        self.assertEqual([e.body for e in self.queue.pending],
                          [b'{"single":true}', b'{"a":1}', b'{"a":2}'])
 
     def test_concatenated_gzip_members_are_one_body(self):

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from estat import dlqdisk
+from estat.dlq import disk as dlqdisk
 from tests.support import (
     REPO_ROOT,
     EstatServer,

@@ -11,7 +11,7 @@ import signal
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from estat.workers import merge_worker_metrics
+from estat.workers.supervisor import merge_worker_metrics
 from tests.support import EstatServer, make_workdir, poll_until, read_objects
 
 
@@ -28,8 +28,8 @@ def worker_pids(server: EstatServer) -> dict[int, int]:
                 parent = int(handle.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if parent == server.proc.process.pid and b"estat.workers" in argv:
-            pids[int(argv[argv.index(b"estat.workers") + 1])] = int(pid)
+        if parent == server.proc.process.pid and b"estat.workers.supervisor" in argv:
+            pids[int(argv[argv.index(b"estat.workers.supervisor") + 1])] = int(pid)
     return pids
 
 

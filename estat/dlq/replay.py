@@ -11,10 +11,10 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.defer import inlineCallbacks
 from twisted.python.threadpool import ThreadPool
 
-from estat import dlqdisk
 from estat.config import Settings
+from estat.dlq import disk as dlqdisk
 from estat.metrics import Metrics
-from estat.store import RetryableStoreError, Store, StoreError
+from estat.stores.base import RetryableStoreError, Store, StoreError
 
 
 def make_store(settings: Settings, reactor: Any, pool: ThreadPool) -> Store:

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 from typing import Any, Optional, cast
 
-from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
-from httptools import HttpRequestParser
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from zope.interface import implementer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from estat.request import IngestRequest, TooLarge, error_body, raw_error, response
-from estat.web import Answer, IngestState, Routes
+from estat.collect import Answer, IngestState, Routes
+from estat.http.request import IngestRequest, TooLarge, error_body, raw_error, response
 
 _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

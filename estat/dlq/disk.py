@@ -28,9 +28,10 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from estat.encode import EncodedObject, verify_gzip
-from estat.localstore import fsync_directory, write_atomically
-from estat.store import StoreError
+from estat.codec import verify_gzip
+from estat.model import EncodedObject
+from estat.stores.base import StoreError
+from estat.stores.local import fsync_directory, write_atomically
 
 DATA = "data.gz"
 META = "meta.json"

@@ -25,11 +25,11 @@ from typing import Any, Callable, Mapping, Optional, cast
 from urllib.parse import quote, urlsplit
 
 import botocore.session
-from treq.client import HTTPClient
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError
+from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -38,21 +38,31 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    PotentialDataLoss,
+    ResponseDone,
+)
 
 import estat
+from estat.codec import verify_gzip
 from estat.config import ConfigError, Settings
-from estat.encode import EncodedObject, verify_gzip
-from estat.httpclient import quiet_connection_pool
 from estat.metrics import Metrics
-from estat.s3_errors import classify_exception, classify_response, parse_error_body
-from estat.store import PermanentStoreError, RetryableStoreError, StoreError
+from estat.model import EncodedObject
+from estat.stores.base import PermanentStoreError, RetryableStoreError, StoreError
+from estat.stores.httpclient import quiet_connection_pool
+from estat.stores.s3_errors import (
+    classify_exception,
+    classify_response,
+    parse_error_body,
+)
 
 _log = Logger()
 

@@ -9,125 +9,19 @@ separate raw object as base64, so nothing is lost and no line is invalid.
 from __future__ import annotations
 
 import base64
-import json
-import os
-import time
 import zlib
-from dataclasses import dataclass
 from operator import itemgetter
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
-import orjson
 from isal import isal_zlib
+
+from estat.model import Batch, EncodedObject, Event, object_key
+from estat.validate import body_error
 
 # isal level 1: about 6x the throughput of zlib level 1 at a slightly better
 # ratio on JSON (bench: see the commit that chose it).
 GZIP_LEVEL = 1
-_GZIP_WBITS = 31  # gzip container, not raw deflate or zlib
-
-# (receive time in ms since the epoch, body) or, for a writer whose key has
-# a prefix segment, (time, body, segment).
-Event = tuple[int, bytes]
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-@dataclass
-class Batch:
-    """Events flushed together; one batch becomes one object (plus one raw
-    object when some bodies could not be embedded)."""
-
-    events: list[Event]
-    body_bytes: int
-    batch_id: str
-    trigger: str
-
-    @property
-    def first_ts_ms(self) -> int:
-        return self.events[0][0]
-
-    @property
-    def last_ts_ms(self) -> int:
-        return self.events[-1][0]
-
-
-@dataclass(frozen=True)
-class EncodedObject:
-    """One complete gzip'd JSON Lines object, ready to store under `key`."""
-
-    key: str
-    data: bytes
-    event_count: int
-    uncompressed_bytes: int
-    first_ts_ms: int
-    last_ts_ms: int
-    batch_id: str
-    kind: str = "events"  # "events" or "raw"
-
-
-def new_batch_id(
-    now_ms: Optional[int] = None, random_bytes: Callable[[int], bytes] = os.urandom
-) -> str:
-    """A 26-character ULID: 48 bits of milliseconds then 80 random bits, in
-    Crockford base32, so ids sort by time and never collide in practice."""
-    if now_ms is None:
-        now_ms = int(time.time() * 1000)
-    value = (now_ms & ((1 << 48) - 1)) << 80 | int.from_bytes(random_bytes(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
-
-
-def object_key(prefix: str, ts_ms: int, host_id: str, batch_id: str) -> str:
-    """`{prefix}/dt=YYYY-MM-DD/hour=HH/{host}-{batch_id}.jsonl.gz` in UTC,
-    Hive-style partitions that Athena and Spark discover by themselves."""
-    moment = time.gmtime(ts_ms // 1000)
-    return (
-        f"{prefix}/dt={moment.tm_year:04d}-{moment.tm_mon:02d}-{moment.tm_mday:02d}"
-        f"/hour={moment.tm_hour:02d}/{host_id}-{batch_id}.jsonl.gz"
-    )
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-# Built once: json.loads(..., parse_constant=...) builds a decoder per call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def body_error(body: bytes) -> Optional[str]:
-    """Why `body` cannot be stored as an event, or None when it is exactly
-    one JSON object (strict UTF-8, no NaN or Infinity, as RFC 8259 says).
-
-    orjson decides most bodies about 3x faster than the stdlib; it refuses
-    a few things RFC 8259 allows (lone surrogate escapes, numbers beyond a
-    double), so what it refuses is judged again by the strict stdlib
-    decoder, and the verdict is exactly the spec's."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return strict_body_error(body)
-    return None if isinstance(value, dict) else "not_object"
-
-
-def strict_body_error(body: bytes) -> Optional[str]:
-    """body_error by the stdlib decoder alone (the reference verdict)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return "invalid_utf8"
-    try:
-        value = _DECODER.decode(text)
-    except ValueError:
-        return "invalid_json"
-    except RecursionError:
-        return "too_deep"
-    if not isinstance(value, dict):
-        return "not_object"
-    return None
+GZIP_WBITS = 31  # gzip container, not raw deflate or zlib
 
 
 def event_line(ts_ms: int, body: bytes) -> bytes:
@@ -162,8 +56,10 @@ _TEXT_SLICE_BYTES = 512 * 1024
 _INFLATE_SLICE_BYTES = 1 << 20
 _LINE_START = b'{"ts":%d,"body":'.__mod__
 _LINE_END = b"}\n"
-_ts_of = itemgetter(0)
-_body_of = itemgetter(1)
+# Event fields by position: itemgetter is a little faster than attrgetter.
+_ts_of = itemgetter(Event._fields.index("ts"))
+_body_of = itemgetter(Event._fields.index("body"))
+_segment_of = itemgetter(Event._fields.index("segment"))
 
 
 def _fast_text(events: list[Event]) -> Optional[bytes]:
@@ -191,7 +87,7 @@ def _texts_of_valid(events: list[Event]) -> Iterator[bytes]:
         part = events[start:start + step]
         text = _fast_text(part)
         yield text if text is not None else b"".join(
-            [event_line(ts_ms, body) for ts_ms, body in part])
+            [event_line(ts_ms, body) for ts_ms, body, _ in part])
 
 
 def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:
@@ -203,7 +99,7 @@ def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:
 def _gzip_texts(texts: Iterable[bytes]) -> tuple[bytes, int]:
     """One gzip member of the texts in order, and their total length; the
     whole text is never one buffer."""
-    compressor = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, _GZIP_WBITS)
+    compressor = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, GZIP_WBITS)
     parts = []
     size = 0
     for text in texts:
@@ -222,7 +118,7 @@ def verify_gzip(data: bytes, uncompressed_bytes: int) -> None:
     and length trailer match and which inflates to `uncompressed_bytes`.
     Inflated by stdlib zlib (the decoder readers use, not the encoder's),
     a megabyte at a time and thrown away."""
-    inflater = zlib.decompressobj(_GZIP_WBITS)
+    inflater = zlib.decompressobj(GZIP_WBITS)
     size = 0
     pending = data
     try:
@@ -256,8 +152,8 @@ def _encoded(
         data=data,
         event_count=len(events),
         uncompressed_bytes=size,
-        first_ts_ms=events[0][0],
-        last_ts_ms=events[-1][0],
+        first_ts_ms=events[0].ts,
+        last_ts_ms=events[-1].ts,
         batch_id=batch.batch_id,
         kind=kind,
     )
@@ -277,15 +173,14 @@ def encode_batch(
     says every body was already checked on arrival, so the check is skipped
     here; `all_raw_reason` sends every event to the raw objects."""
     events = batch.events
-    if validated and all_raw_reason is None and events and max(map(len, events)) == 2:
+    if validated and all_raw_reason is None and events and not any(map(_segment_of, events)):
         # The common case: every body checked on arrival, no writer segment.
         key = object_key(prefix, batch.first_ts_ms, host_id, batch.batch_id)
         return [_encoded(_texts_of_valid(events), events, key, batch, "events")]
     good: dict[str, tuple[list[bytes], list[Event]]] = {}
     raw: dict[str, tuple[list[bytes], list[Event]]] = {}
     for event in events:
-        ts_ms, body = event[0], event[1]
-        segment = event[2] if len(event) > 2 else ""  # type: ignore[misc]
+        ts_ms, body, segment = event
         if all_raw_reason is not None:
             error: Optional[str] = all_raw_reason
         else:

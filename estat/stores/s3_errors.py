@@ -31,7 +31,7 @@ from twisted.web.client import (
     ResponseFailed,
 )
 
-from estat.store import PermanentStoreError, RetryableStoreError, StoreError
+from estat.stores.base import PermanentStoreError, RetryableStoreError, StoreError
 
 # Error codes S3 documents as worth retrying, whatever the status says.
 RETRYABLE_CODES = {

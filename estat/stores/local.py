@@ -13,8 +13,8 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from estat.encode import EncodedObject
-from estat.store import RetryableStoreError
+from estat.model import EncodedObject
+from estat.stores.base import RetryableStoreError
 
 
 def fsync_directory(path: str) -> None:

@@ -23,8 +23,8 @@ import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Optional, Sequence
 
-from estat import dlqdisk
 from estat.config import OPTIONS, ConfigError, Settings, load_settings
+from estat.dlq import disk as dlqdisk
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -275,7 +275,7 @@ def cmd_replay(spool: Spool, args: argparse.Namespace, report: Reporter,
     from twisted.internet.task import react
 
     def main(reactor: Any) -> Any:
-        from estat.dlqreplay import replay_all
+        from estat.dlq.replay import replay_all
 
         d = replay_all(reactor, settings, spool.root, names, report,
                        explicit=not args.all)

@@ -14,9 +14,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from estat.encode import Batch, Event, new_batch_id
 from estat.metrics import Metrics
-from estat.uploader import Uploader
+from estat.model import Batch, Event, new_batch_id
+from estat.pipeline.uploader import Uploader
 
 _log = Logger()
 

@@ -1,9 +1,8 @@
 """What the ingest listener answers: `POST /collect` (one JSON event, or
-NDJSON with one event per line) and the health endpoints; and the admin
-site (`/metrics`, `/healthz`, `/readyz`) on twisted.web.
+NDJSON with one event per line) and the health endpoints.
 
 The handlers are plain functions of an `IngestRequest` returning an
-`Answer`; `estat.channel` parses HTTP and writes the answers."""
+`Answer`; `estat.http.channel` parses HTTP and writes the answers."""
 
 from __future__ import annotations
 
@@ -11,14 +10,12 @@ import time
 from typing import Any, Callable, NamedTuple, Optional
 
 from twisted.internet.defer import DeferredQueue
-from twisted.web import http
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
 
 from estat.auth import WriteKeys
-from estat.encode import body_error
+from estat.http.request import IngestRequest, error_body
 from estat.metrics import REJECT_REASONS, Metrics
-from estat.request import IngestRequest, error_body
+from estat.model import Event, events_of
+from estat.validate import body_error
 
 RETRY_AFTER_SECONDS = b"1"
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
@@ -171,8 +168,7 @@ class Collect:
                 return Answer(400, error_body("invalid_json", detail=problem))
         if state.room() < 1:
             return self._unavailable("queue_full")
-        state.queue.pending.append(
-            (state.now_ms(), body, segment) if segment else (state.now_ms(), body))
+        state.queue.pending.append(Event(state.now_ms(), body, segment))
         self._accepted.inc()
         return ACCEPTED
 
@@ -202,11 +198,7 @@ class Collect:
             return Answer(413, error_body("too_many_events", max_events=state.max_batch_events))
         if len(events) > state.room():
             return self._unavailable("queue_full")
-        now = state.now_ms()
-        if segment:
-            state.queue.pending.extend([(now, line, segment) for line in events])
-        else:
-            state.queue.pending.extend([(now, line) for line in events])
+        state.queue.pending.extend(events_of(state.now_ms(), events, segment))
         self._accepted.inc(len(events))
         return Answer(202, b'{"status":"accepted","events":%d}\n' % len(events))
 
@@ -234,7 +226,7 @@ class Collect:
                       close=reason == "shutting_down")
 
 
-_HEALTHY = Answer(200, b'{"status":"ok"}\n')
+HEALTHY = Answer(200, b'{"status":"ok"}\n')
 _READY = Answer(200, b'{"status":"ready"}\n')
 
 
@@ -267,7 +259,7 @@ class Routes:
         collect = Collect(state)
         self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
             b"/collect": collect,
-            b"/healthz": lambda request: _get_only(request, lambda: _HEALTHY),
+            b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),
             b"/readyz": lambda request: _get_only(request, lambda: readiness(state)),
         }
 
@@ -277,89 +269,3 @@ class Routes:
             self.state.count_rejected("not_found")
             return Answer(404, error_body("not_found"))
         return handler(request)
-
-
-class _Page(Resource):
-    """An admin resource answering GET with an `Answer`."""
-
-    isLeaf = True
-
-    def __init__(self, answer: Callable[[], Answer]) -> None:
-        super().__init__()
-        self.answer = answer
-
-    def render_GET(self, request: Request) -> bytes:
-        answer = self.answer()
-        request.setResponseCode(answer.code)
-        request.setHeader(b"content-type", b"application/json")
-        for name, value in answer.headers:
-            request.setHeader(name, value)
-        return answer.body
-
-
-class _NotFound(Resource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(404)
-        request.setHeader(b"content-type", b"application/json")
-        return error_body("not_found")
-
-
-class _AdminRoot(Resource):
-    """Routes the admin listener's exact paths; everything else is 404."""
-
-    isLeaf = True
-
-    def __init__(self, routes: dict[bytes, Resource]) -> None:
-        super().__init__()
-        self.routes = {b"/" + path: resource for path, resource in routes.items()}
-        self.fallback = _NotFound()
-
-    def render(self, request: Request) -> Any:
-        return self.routes.get(request.path, self.fallback).render(request)
-
-
-class MetricsPage(Resource):
-    """`/metrics` in the Prometheus text format, rendered on the reactor
-    thread (prometheus-client's own resource is WSGI on the global thread
-    pool, and cannot answer over a unix socket)."""
-
-    isLeaf = True
-
-    def __init__(self, registry: Any) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.registry)
-
-
-class HealthResource(_Page):
-    """`/healthz`: 200 while the process runs."""
-
-    def __init__(self) -> None:
-        super().__init__(lambda: _HEALTHY)
-
-
-class ReadyResource(_Page):
-    """`/readyz`: see `readiness`."""
-
-    def __init__(self, state: IngestState) -> None:
-        super().__init__(lambda: readiness(state))
-
-
-class AdminSite(Site):
-    """An admin listener (`/metrics`, `/healthz`, `/readyz`) on twisted.web:
-    `routes` maps each exact path, without its slash, to its resource."""
-
-    displayTracebacks = False
-
-    def __init__(self, routes: dict[bytes, Resource], reactor: Optional[Any] = None) -> None:
-        super().__init__(_AdminRoot(routes), timeout=60.0, reactor=reactor)
-
-    def log(self, request: http.Request) -> None:
-        """Scrapes are not worth a log line each."""

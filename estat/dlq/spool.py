@@ -3,7 +3,7 @@ DLQ_DIR (crash-safe, within a byte budget) and re-uploaded later, one entry
 per idle tick, oldest first, under the same key.
 
 Every file operation runs on the service's thread pool; the format lives
-in `estat.dlqdisk`. `save` never fails: what it cannot keep it counts and
+in `estat.dlq.disk`. `save` never fails: what it cannot keep it counts and
 logs. A drain tick never raises: it logs and counts instead.
 """
 
@@ -19,10 +19,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import estat
-from estat import dlqdisk
-from estat.encode import EncodedObject
+from estat.dlq import disk as dlqdisk
 from estat.metrics import Metrics
-from estat.store import PermanentStoreError, RetryableStoreError, Store, StoreError
+from estat.model import EncodedObject
+from estat.stores.base import (
+    PermanentStoreError,
+    RetryableStoreError,
+    Store,
+    StoreError,
+)
 
 _log = Logger()
 

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from estat.encode import EncodedObject
+from estat.model import EncodedObject
 
 
 class StoreError(Exception):

@@ -26,7 +26,13 @@ import sys
 import tempfile
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Service
 from twisted.internet import endpoints
@@ -37,9 +43,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from estat.admin import AdminSite, HealthResource
 from estat.config import ConfigError, Settings
 from estat.service import ignore_further_signals
-from estat.web import AdminSite, HealthResource
 
 _log = Logger()
 
@@ -176,7 +182,7 @@ class WorkerSupervisor(Service):
             child_fds[3 + offset] = sock.fileno()
             ports.append(f"{3 + offset}:{int(family)}")
         protocol = _WorkerProtocol(self, index)
-        argv = [sys.executable, "-m", "estat.workers", str(index), ",".join(ports)]
+        argv = [sys.executable, "-m", "estat.workers.supervisor", str(index), ",".join(ports)]
         self.workers[index] = self.reactor.spawnProcess(
             protocol, sys.executable, argv, env=env, childFDs=child_fds)
         self._protocols[index] = protocol
@@ -256,7 +262,7 @@ class WorkerSupervisor(Service):
         from twisted.internet.endpoints import UNIXClientEndpoint
         from twisted.web.client import Agent
 
-        from estat.httpclient import quiet_connection_pool
+        from estat.stores.httpclient import quiet_connection_pool
 
         supervisor = self
 

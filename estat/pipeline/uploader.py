@@ -10,9 +10,9 @@ from typing import Callable, Protocol
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
-from estat.encode import Batch, EncodedObject
 from estat.metrics import Metrics
-from estat.store import RetryableStoreError, Store, StoreError
+from estat.model import Batch, EncodedObject
+from estat.stores.base import RetryableStoreError, Store, StoreError
 
 _log = Logger()
 

@@ -1,0 +1,1 @@
+"""The dead-letter queue: disk format, spool and drain, replay, CLI."""

@@ -1,0 +1,1 @@
+"""The HTTP/1.1 layer of the ingest listener: protocol, request, response."""

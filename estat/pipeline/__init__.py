@@ -1,0 +1,1 @@
+"""The pipeline behind the handlers: event queue, batcher, uploader."""

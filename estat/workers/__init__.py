@@ -1,0 +1,1 @@
+"""`--workers N`: the supervising parent and its worker processes."""
