@@ -137,8 +137,7 @@ class Recorder:
         return maybeDeferred(function, *args, **kwargs)
 
 
-LOCATION = S3Location(endpoint="http://s3.test", bucket="bkt-test", virtual=False,
-                      custom=True)
+LOCATION = S3Location(endpoint="http://s3.test", bucket="bkt-test", virtual=False)
 
 
 class FakeS3Case(unittest.TestCase):
