@@ -36,7 +36,7 @@ from estat.model import Batch, EncodedObject
 from estat.pipeline.batcher import Batcher
 from estat.pipeline.uploader import Uploader
 from estat.stores.base import Store
-from estat.stores.local import LocalStore
+from estat.stores.factory import make_store
 
 _log = Logger()
 
@@ -64,16 +64,6 @@ def _lower_this_threads_priority() -> None:
         if not _reniced_failed:
             _reniced_failed.append(error)
             _log.info("encoder threads keep the process's priority: {error}", error=error)
-
-
-def make_store(settings: Settings, reactor: Any, pool: ThreadPool, metrics: Metrics) -> Store:
-    """S3 when S3_BUCKET is set, else the local directory: the one place
-    that choice is made (the server and `estat-dlq replay` both use it)."""
-    if settings.s3_bucket:
-        from estat.stores.s3 import make_s3_store
-
-        return make_s3_store(settings, reactor, pool, metrics)
-    return LocalStore(settings.output_dir, reactor, pool)
 
 
 def ignore_further_signals(timeout: float) -> None:
@@ -221,13 +211,7 @@ class IngestService(Service):
             "estat-ingest {version} ready: ingest on {listen}, admin on {admin}, "
             "store {store}", version=estat.__version__,
             listen=", ".join(self.settings.listen), admin=self.settings.admin_listen,
-            store=self._store_description())
-
-    def _store_description(self) -> str:
-        location = getattr(self.store, "location", None)
-        if location is not None:
-            return str(location.describe())
-        return f"local:{self.store.root}"  # type: ignore[attr-defined]
+            store=self.store.describe())
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
@@ -264,9 +248,7 @@ class IngestService(Service):
         yield self.uploader.when_idle()
         if deadline.active():
             deadline.cancel()
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            yield close()
+        yield self.store.close()
         if self.admin_port is not None:
             yield self.admin_port.stopListening()
         self.pool.stop()

@@ -167,9 +167,15 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(self.stored_numbers(), list(range(5)))
 
     def test_permanent_error_also_spools(self):
-        self.build(batch_size=1, store=FakeStore(error=PermanentStoreError(
-            "client_error", "NoSuchBucket", "The specified bucket does not exist")))
+        error = PermanentStoreError(
+            "client_error", "NoSuchBucket", "The specified bucket does not exist")
+        self.build(batch_size=1, store=FakeStore(error=error))
         self.put(1)
         self.clock.advance(0.05)
-        self.assertEqual(len(self.spool.saved), 1)
+        [(obj, saved_error)] = self.spool.saved
+        self.assertEqual(obj.event_count, 1)
+        self.assertIs(saved_error, error)
+        self.assertFalse(saved_error.retryable)
+        self.assertEqual(self.metric("estat_store_failures_total", store="fake",
+                                     reason="client_error"), 1)
         self.flushLoggedErrors()
