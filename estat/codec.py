@@ -109,10 +109,6 @@ def _gzip_texts(texts: Iterable[bytes]) -> tuple[bytes, int]:
     return b"".join(parts), size
 
 
-def gzip_bytes(data: bytes) -> bytes:
-    return _gzip_texts([data])[0]
-
-
 def verify_gzip(data: bytes, uncompressed_bytes: int) -> None:
     """Raise ValueError unless `data` is one complete gzip member whose CRC
     and length trailer match and which inflates to `uncompressed_bytes`.
