@@ -4,19 +4,22 @@ per idle tick, oldest first, under the same key.
 
 Every file operation runs on the service's thread pool; the format lives
 in `estat.dlq.disk`. `save` never fails: what it cannot keep it counts and
-logs. A drain tick never raises: it logs and counts instead.
+logs. The drain tick is `estat.loops.guarded`: an error in it is logged
+and counted, and the loop goes on.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 import estat
 from estat.dlq import disk as dlqdisk
@@ -38,10 +41,12 @@ _CANCELLED = _Cancelled()
 
 
 class DeadLetterQueue:
-    """The spool in `directory` and its drain loop (see the module doc)."""
+    """The spool in `directory` and its drain loop (see the module doc).
+    `reactor` is the clock of the loop and of entry ages, and takes the
+    results of the work done on `pool` back to its thread."""
 
-    def __init__(self, directory: str, max_bytes: int, reactor: Any, pool: Any,
-                 metrics: Metrics, drain_interval: float = 1.0,
+    def __init__(self, directory: str, max_bytes: int, reactor: IReactorTime,
+                 pool: ThreadPool, metrics: Metrics, drain_interval: float = 1.0,
                  backoff_cap: float = BACKOFF_CAP) -> None:
         self.directory = os.path.abspath(directory)
         self.max_bytes = max_bytes
@@ -98,8 +103,9 @@ class DeadLetterQueue:
         """Entries this server knows of, oldest first."""
         return sorted(self._entries)
 
-    def _run(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
+    def _run(self, f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        threads = cast(IReactorFromThreads, self._reactor)
+        return deferToThreadPool(threads, self._pool, f, *args)
 
     def _log_quarantined(self, quarantined: list[tuple[str, str, str]]) -> None:
         for name, reason, where in quarantined:
