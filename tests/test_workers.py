@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError, ProcessTerminated
-from twisted.internet.interfaces import IProcessTransport, IReactorFromThreads, IReactorProcess
+from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -27,28 +27,17 @@ from tests.support import site_get
 
 
 class TcpListenAddressTests(TestCase):
-    def test_port_alone_listens_everywhere(self) -> None:
-        self.assertEqual(tcp_listen_address("tcp:8080"),
-                         (socket.AF_INET, "0.0.0.0", 8080, 50))
-
-    def test_interface_and_backlog_as_keywords(self) -> None:
-        self.assertEqual(tcp_listen_address("tcp:8080:interface=127.0.0.1:backlog=128"),
-                         (socket.AF_INET, "127.0.0.1", 8080, 128))
-
-    def test_port_as_a_keyword_and_in_any_order(self) -> None:
-        self.assertEqual(tcp_listen_address("tcp:backlog=7:port=81"),
-                         (socket.AF_INET, "0.0.0.0", 81, 7))
-
-    def test_positional_arguments_in_twisteds_order(self) -> None:
-        self.assertEqual(tcp_listen_address("tcp:81:127.0.0.1:9"),
-                         (socket.AF_INET, "127.0.0.1", 81, 9))
-        self.assertEqual(tcp_listen_address("tcp6:81:9:\\:\\:1"),
-                         (socket.AF_INET6, "::1", 81, 9))
-
-    def test_ipv6(self) -> None:
-        self.assertEqual(tcp_listen_address("tcp6:8080"), (socket.AF_INET6, "::", 8080, 50))
-        self.assertEqual(tcp_listen_address("tcp:8080:interface=\\:\\:1"),
-                         (socket.AF_INET6, "::1", 8080, 50))
+    def test_the_forms_twisted_accepts(self) -> None:
+        for description, expected in (
+                ("tcp:8080", (socket.AF_INET, "0.0.0.0", 8080, 50)),
+                ("tcp:8080:interface=127.0.0.1:backlog=128",
+                 (socket.AF_INET, "127.0.0.1", 8080, 128)),
+                ("tcp:backlog=7:port=81", (socket.AF_INET, "0.0.0.0", 81, 7)),
+                ("tcp:81:127.0.0.1:9", (socket.AF_INET, "127.0.0.1", 81, 9)),
+                ("tcp6:8080", (socket.AF_INET6, "::", 8080, 50)),
+                ("tcp6:81:9:\\:\\:1", (socket.AF_INET6, "::1", 81, 9)),
+                ("tcp:8080:interface=\\:\\:1", (socket.AF_INET6, "::1", 8080, 50))):
+            self.assertEqual(tcp_listen_address(description), expected, description)
 
     def test_other_kinds_are_refused_in_one_sentence(self) -> None:
         for description in ("unix:/tmp/x.sock", "ssl:443:privateKey=k.pem",
@@ -167,12 +156,19 @@ class SupervisorTests(TestCase):
         taken.listen(1)
         supervisor = self.make_supervisor(
             self.reactor, f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1")
-        self.assertRaises(OSError, supervisor.privilegedStartService)
+        self.assertRaises(CannotListenError, supervisor.privilegedStartService)
         self.assertEqual(self.reactor.spawned, [])
 
     def test_an_admin_listener_that_cannot_listen_is_raised(self) -> None:
         supervisor = self.make_supervisor(ProcessReactor(refuse_to_listen=True))
         self.assertRaises(CannotListenError, supervisor.privilegedStartService)
+
+    def test_started_without_twistd_it_binds_first(self) -> None:
+        self.supervisor.startService()
+        self.addCleanup(os.rmdir, self.supervisor.runtime_dir)
+        self.assertEqual(len(self.supervisor.sockets), 1)
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.assertEqual(len(self.reactor.spawned), 2)
 
     def test_a_dead_worker_is_restarted_later_and_later(self) -> None:
         self.start()

@@ -73,8 +73,8 @@ class WorkerPages:
     """GETs pages of the workers' admin listeners, one connection each
     (a worker that restarts has a new socket)."""
 
-    def __init__(self, reactor: Any, socket_path: Callable[[int], str]) -> None:
-        self.clock: IReactorTime = reactor
+    def __init__(self, reactor: IReactorUNIX, socket_path: Callable[[int], str]) -> None:
+        self.clock = IReactorTime(reactor)
         pool = quiet_connection_pool(reactor, persistent=False)
         self.agent = Agent.usingEndpointFactory(
             reactor, WorkerSockets(reactor, socket_path), pool=pool)

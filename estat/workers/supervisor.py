@@ -24,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProcessTransport,
@@ -31,6 +32,7 @@ from twisted.internet.interfaces import (
     IReactorFromThreads,
     IReactorProcess,
     IReactorTime,
+    IReactorUNIX,
 )
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -118,11 +120,16 @@ def tcp_listen_address(description: str) -> ListenAddress:
 
 def bind_listening_socket(description: str) -> tuple[socket.socket, int]:
     """A non-blocking socket listening where `description` says, and its
-    address family, for the workers to adopt."""
+    address family, for the workers to adopt; CannotListenError if the
+    address cannot be bound."""
     address = tcp_listen_address(description)
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address.interface, address.port))
+    try:
+        sock.bind((address.interface, address.port))
+    except OSError as error:  # as Twisted's listenTCP says it
+        sock.close()
+        raise CannotListenError(address.interface, address.port, error) from None
     sock.listen(address.backlog)
     sock.setblocking(False)
     return sock, address.family
@@ -131,7 +138,8 @@ def bind_listening_socket(description: str) -> tuple[socket.socket, int]:
 def listen_at_once(reactor: Any, description: str, factory: IProtocolFactory) -> IListeningPort:
     """Listen on endpoint `description`, raising what stops it from
     listening: tcp:, unix: and the other stream endpoints that come with
-    Twisted listen before `listen` returns."""
+    Twisted listen before `listen` returns. (`reactor` is whatever the
+    endpoint needs: IReactorTCP for tcp:, IReactorUNIX for unix:, ...)"""
     outcome: list[Any] = []
     listening = endpoints.serverFromString(reactor, description).listen(factory)
     listening.addBoth(outcome.append)
@@ -196,7 +204,8 @@ class WorkerSupervisor(Service):
         self.stopping = False
         self.runtime_dir = ""
         self.admin_port: Optional[IListeningPort] = None
-        self.pages = WorkerPages(reactor, lambda index: admin_socket(self.runtime_dir, index))
+        self.pages = WorkerPages(IReactorUNIX(reactor),
+                                 lambda index: admin_socket(self.runtime_dir, index))
 
     # What the admin pages read (estat.workers.admin.Workers).
 
