@@ -202,7 +202,8 @@ def encode_batch_safely(
     batch: Batch, *, validated: bool, prefix: str, raw_prefix: str, host_id: str
 ) -> list[EncodedObject]:
     """encode_batch, but should encoding fail unexpectedly, keep every body
-    in a raw object instead (the seed's "encoding error -> raw prefix")."""
+    in a raw object under `raw_prefix` instead (reason `encode_error`), so
+    that a bug in the encoder loses no event."""
     try:
         return encode_batch(batch, validated=validated, prefix=prefix,
                             raw_prefix=raw_prefix, host_id=host_id)

@@ -35,6 +35,7 @@ from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
 from estat.pipeline.batcher import Batcher
 from estat.pipeline.uploader import Uploader
+from estat.signals import ignore_further_signals
 from estat.stores.base import Store
 from estat.stores.factory import make_store
 
@@ -64,26 +65,6 @@ def _lower_this_threads_priority() -> None:
         if not _reniced_failed:
             _reniced_failed.append(error)
             _log.info("encoder threads keep the process's priority: {error}", error=error)
-
-
-def ignore_further_signals(timeout: float) -> None:
-    """Once a stop has begun, a second SIGTERM or SIGINT must not cut it
-    short: log it instead (Twisted's own handler would only complain)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def again(signum: int, frame: object) -> None:
-        _log.warn("already stopping: waiting for uploads to finish or be dead-lettered "
-                  "(at most SHUTDOWN_TIMEOUT={timeout}s)", timeout=timeout)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
-            signal.signal(signum, again)
-        except (ValueError, OSError):
-            pass
 
 
 class IngestService(Service):

@@ -51,15 +51,36 @@ def poll_until(predicate: Callable[[], Any], timeout: float = 20.0,
         yield deferLater(global_reactor, interval, lambda: None)
 
 
-def http_status(url: str, timeout: float = 2.0) -> Optional[int]:
-    """The status code of a GET, or None when nothing answers."""
+def http_status(url: str, timeout: float = 2.0, method: str = "GET",
+                body: Optional[bytes] = None,
+                headers: Optional[dict[str, str]] = None) -> Optional[int]:
+    """The status code of one request, or None when nothing answers (also
+    used by bench/, which probes its servers the same way)."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
     except OSError:
         return None
+
+
+def site_get(site: Any, path: bytes, method: bytes = b"GET"
+             ) -> tuple[int, dict[bytes, bytes], bytes]:
+    """(status, headers, body) of one HTTP/1.0 request to a twisted.web
+    `site` in memory (headers by lower-case name)."""
+    from twisted.internet.testing import StringTransport
+
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"%s %s HTTP/1.0\r\nHost: x\r\n\r\n" % (method, path))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines)
+    return int(status.split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 def read_objects(root: str) -> list[tuple[str, list[dict[str, Any]]]]:
