@@ -114,28 +114,47 @@ def verify_gzip(data: bytes, uncompressed_bytes: int) -> None:
     and length trailer match and which inflates to `uncompressed_bytes`.
     Inflated by stdlib zlib (the decoder readers use, not the encoder's),
     a megabyte at a time and thrown away."""
+    verify_gzip_stream([data], uncompressed_bytes)
+
+
+def verify_gzip_stream(chunks: Iterable[bytes], uncompressed_bytes: int,
+                       count_lines: bool = False) -> int:
+    """`verify_gzip` of the concatenation of `chunks`, read one chunk at a
+    time (a file a piece at a time: only a chunk and a megabyte of output
+    are ever in memory). Returns the number of lines (LF) inflated when
+    `count_lines`, else 0."""
     inflater = zlib.decompressobj(GZIP_WBITS)
-    size = 0
-    pending = data
+    size = lines = 0
+    pieces = iter(chunks)
     try:
+        for chunk in pieces:
+            pending = chunk
+            while pending and not inflater.eof and size <= uncompressed_bytes:
+                out = inflater.decompress(pending, _INFLATE_SLICE_BYTES)
+                pending = inflater.unconsumed_tail
+                size += len(out)
+                lines += out.count(b"\n") if count_lines else 0
+            if inflater.eof or size > uncompressed_bytes:
+                break
         while not inflater.eof and size <= uncompressed_bytes:
-            out = inflater.decompress(pending, _INFLATE_SLICE_BYTES)
-            pending = inflater.unconsumed_tail
-            if not out and not pending:
+            out = inflater.decompress(b"", _INFLATE_SLICE_BYTES)
+            if not out:
                 break  # all input used, no trailer: truncated
             size += len(out)
+            lines += out.count(b"\n") if count_lines else 0
     except zlib.error as error:
         raise ValueError(f"gzip stream is corrupt: {error}") from None
     if size > uncompressed_bytes:
         raise ValueError(f"gzip stream inflates to over {uncompressed_bytes} bytes")
     if not inflater.eof:
         raise ValueError("gzip stream is truncated (no trailer)")
-    if inflater.unused_data:
+    if inflater.unused_data or next(pieces, b""):
         raise ValueError("gzip stream has trailing bytes")
     if size != uncompressed_bytes:
         raise ValueError(
             f"gzip stream inflates to {size} bytes, expected {uncompressed_bytes}"
         )
+    return lines
 
 
 def _encoded(

@@ -1,5 +1,10 @@
 """Every Prometheus metric the server exports, created once on an injected
-registry. Labelled children used on hot paths are looked up once here."""
+registry. Labelled children used on hot paths are looked up once here.
+
+Every labelled counter has each of its known label sets created at 0 when
+the metrics are: a series that appears only with its first increment is
+invisible to `increase()` and `rate()`, so an alert on it would miss the
+first failure."""
 
 from __future__ import annotations
 
@@ -44,8 +49,16 @@ STORE_FAILURE_REASONS = (
     "io_error",
     "encode_error",
 )
-DLQ_DROP_REASONS = ("over_budget", "save_error")
+DLQ_DROP_REASONS = ("over_budget", "save_error", "encode_error")
 PUT_OUTCOMES = ("ok", "retryable", "permanent")
+# The answers the ingest listener gives (estat.collect, estat.http.channel).
+HTTP_CODES = ("200", "202", "204", "400", "401", "403", "404", "405", "408", "413",
+              "415", "431", "500", "503")
+STORE_NAMES = ("local", "s3")
+# How an event reached the store: the uploader's first try, or a re-upload
+# from the dead-letter directory (the server's drain or `estat-dlq replay`).
+STORED_PATHS = ("upload", "dlq")
+LOOPS = ("batcher", "uploader", "dlq")
 
 
 class _Count:
@@ -114,6 +127,8 @@ class Metrics:
             "estat_events_accepted", "Events answered 202 and queued", registry=r)
         self.events_rejected = ReactorCounter(
             "estat_events_rejected", "Requests refused, by reason", ["reason"], registry=r)
+        for code in HTTP_CODES:
+            self.http_requests.labels(code=code)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason=reason)
         self.batches_flushed = Counter(
@@ -128,18 +143,27 @@ class Metrics:
             "estat_encode_seconds", "Time to encode and gzip one batch", registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.events_stored = Counter(
-            "estat_events_stored", "Events durably stored, by store", ["store"], registry=r)
+            "estat_events_stored", "Events durably stored, by store and by path: upload "
+            "(the first try) or dlq (a re-upload from the dead-letter directory)",
+            ["store", "path"], registry=r)
         self.objects_stored = Counter(
-            "estat_objects_stored", "Objects durably stored, by store", ["store"], registry=r)
+            "estat_objects_stored", "Objects durably stored, by store and path",
+            ["store", "path"], registry=r)
         self.bytes_stored = Counter(
-            "estat_bytes_stored", "Compressed bytes durably stored, by store", ["store"],
-            registry=r)
+            "estat_bytes_stored", "Compressed bytes durably stored, by store and path",
+            ["store", "path"], registry=r)
         self.raw_events = Counter(
             "estat_raw_events", "Events whose body was not valid JSON, written to the raw prefix",
             registry=r)
         self.store_failures = Counter(
             "estat_store_failures", "Uploads that failed after all retries, by store and reason",
             ["store", "reason"], registry=r)
+        for store in STORE_NAMES:
+            for reason in STORE_FAILURE_REASONS:
+                self.store_failures.labels(store=store, reason=reason)
+            for path in STORED_PATHS:
+                for counter in (self.events_stored, self.objects_stored, self.bytes_stored):
+                    counter.labels(store=store, path=path)
         self.event_queue_depth = Gauge(
             "estat_event_queue_depth", "Events waiting for the batcher", registry=r)
         self.event_queue_capacity = Gauge(
@@ -153,18 +177,14 @@ class Metrics:
         self.loop_errors = Counter(
             "estat_loop_errors", "Unexpected errors caught in a background loop, by loop",
             ["loop"], registry=r)
+        for loop in LOOPS:
+            self.loop_errors.labels(loop=loop)
         self.open_connections = Gauge(
             "estat_open_connections", "Open connections on the ingest listener", registry=r)
         self.ready = Gauge(
             "estat_ready", "1 when /readyz answers 200", registry=r)
 
-        # S3 store
-        self.s3_events_stored = Counter(
-            "estat_s3_events_stored", "Events stored in S3", registry=r)
-        self.s3_objects_stored = Counter(
-            "estat_s3_objects_stored", "Objects stored in S3", registry=r)
-        self.s3_bytes_stored = Counter(
-            "estat_s3_bytes_stored", "Bytes stored in S3", registry=r)
+        # S3 store (what it stored is in estat_events_stored{store="s3"})
         self.s3_put_seconds = Histogram(
             "estat_s3_put_seconds", "Duration of one S3 PUT attempt", registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
@@ -193,6 +213,9 @@ class Metrics:
         self.dlq_quarantined_entries = Counter(
             "estat_dlq_quarantined_entries", "Unreadable dead-letter entries moved aside",
             registry=r)
+        self.dlq_scan_errors = Counter(
+            "estat_dlq_scan_errors", "Leftovers in the dead-letter directory that the "
+            "start-up scan could not remove and skipped", registry=r)
         self.dlq_entries = Gauge(
             "estat_dlq_entries", "Entries in the dead-letter directory", registry=r)
         self.dlq_bytes = Gauge(
@@ -200,3 +223,10 @@ class Metrics:
         self.dlq_oldest_entry_age = Gauge(
             "estat_dlq_oldest_entry_age_seconds", "Age of the oldest dead-letter entry",
             registry=r)
+
+    def count_stored(self, store: str, path: str, events: int, size: int) -> None:
+        """One object of `events` events and `size` bytes is stored in
+        `store` by `path` ("upload" or "dlq")."""
+        self.events_stored.labels(store=store, path=path).inc(events)
+        self.objects_stored.labels(store=store, path=path).inc()
+        self.bytes_stored.labels(store=store, path=path).inc(size)

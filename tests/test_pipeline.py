@@ -60,7 +60,7 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(self.stored_numbers(), list(range(10)))
         self.assertEqual(self.batcher.open_events(), 2)
         self.assertEqual(self.metric("estat_batches_flushed_total", trigger="size"), 2)
-        self.assertEqual(self.metric("estat_events_stored_total", store="fake"), 10)
+        self.assertEqual(self.metric("estat_events_stored_total", store="fake", path="upload"), 10)
 
     def test_interval_trigger_flushes_after_the_first_event_ages(self):
         self.build(flush_interval=5.0)

@@ -9,6 +9,10 @@ Layout (see docs/dlq.md)::
     DLQ_DIR/.tmp-*        an entry being written or deleted (never an entry)
     DLQ_DIR/quarantine/   entries that could not be read, kept for a human
 
+Only regular files are ever opened for reading (a FIFO, a device or a
+symlink in place of `meta.json` or `data.gz` makes the entry unreadable,
+never blocks), and sizes are checked before anything is read.
+
 Names sort by creation time, so sorting them gives oldest first. An entry is
 created by renaming a complete, fsync'd temporary directory into place, so a
 crash leaves either a whole entry or a `.tmp-` leftover. Whoever uploads or
@@ -25,10 +29,11 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from estat.codec import verify_gzip
+from estat.codec import verify_gzip_stream
 from estat.model import EncodedObject
 from estat.stores.base import StoreError
 from estat.stores import fsutil
@@ -39,6 +44,12 @@ QUARANTINE = "quarantine"
 TMP_PREFIX = ".tmp-"
 FORMAT = 1
 MAX_MESSAGE = 1000
+# A meta.json the server writes is under 2 KiB; anything this big is not one.
+MAX_META_BYTES = 64 * 1024
+READ_CHUNK = 1 << 20
+# Non-blocking, so opening a FIFO returns at once (and is then refused);
+# no symlink as the last component, so the checked file is the one read.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _INT_FIELDS = ("event_count", "uncompressed_bytes", "compressed_bytes", "first_ts_ms",
                "last_ts_ms", "created_at_ms", "attempts")
@@ -147,16 +158,65 @@ def check_meta(meta: Any) -> dict[str, Any]:
     return meta
 
 
+def _open_regular(path: str, what: str) -> tuple[int, int]:
+    """Open `path` for reading only if it is a regular file: lstat first,
+    then open without blocking or following a symlink, then fstat the fd
+    (the name may have changed in between). Returns (fd, size); raises
+    EntryError for anything else, OSError when it cannot be opened."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise EntryError(f"{what} is missing") from None
+    if not stat.S_ISREG(mode):
+        raise EntryError(f"{what} is not a regular file")
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        raise EntryError(f"{what} is missing") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise EntryError(f"{what} is not a regular file") from None
+        raise
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise EntryError(f"{what} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, status.st_size
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    """The file from its start, READ_CHUNK bytes at a time."""
+    offset = 0
+    while True:
+        chunk = os.pread(fd, READ_CHUNK, offset)
+        if not chunk:
+            return
+        offset += len(chunk)
+        yield chunk
+
+
+def _read_exactly(fd: int, size: int, what: str) -> bytes:
+    data = os.pread(fd, size + 1, 0)
+    if len(data) != size:
+        raise EntryError(f"{what} changed size while it was read")
+    return data
+
+
 def read_meta(root: str, name: str) -> dict[str, Any]:
     """Parse and check meta.json; EntryError if it is unusable."""
     path = os.path.join(root, name)
     if not os.path.isdir(path):
         raise EntryError("not an entry directory")
+    fd, size = _open_regular(os.path.join(path, META), META)
     try:
-        with open(os.path.join(path, META), "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        raise EntryError("meta.json is missing") from None
+        if size > MAX_META_BYTES:
+            raise EntryError(f"meta.json holds {size} bytes, more than {MAX_META_BYTES}")
+        raw = _read_exactly(fd, size, META)
+    finally:
+        os.close(fd)
     try:
         meta = json.loads(raw)
     except ValueError as error:
@@ -172,52 +232,86 @@ class Entry:
     meta: dict[str, Any]
     data: bytes
     lock_fd: Optional[int] = field(default=None, repr=False)
+    # Lines in the data: the events really there, whatever meta.json says.
+    lines: Optional[int] = None
+
+    @property
+    def events(self) -> int:
+        return self.meta["event_count"] if self.lines is None else self.lines
 
     def as_object(self) -> EncodedObject:
         """The object to re-upload: same key, so a re-upload overwrites."""
         m = self.meta
         return EncodedObject(
-            key=m["key"], data=self.data, event_count=m["event_count"],
+            key=m["key"], data=self.data, event_count=self.events,
             uncompressed_bytes=m["uncompressed_bytes"], first_ts_ms=m["first_ts_ms"],
             last_ts_ms=m["last_ts_ms"], batch_id=m["batch_id"], kind=m["kind"])
 
 
 def read_entry(root: str, name: str) -> Entry:
-    """Read an entry and verify its gzip; EntryError if anything is off."""
+    """Read an entry and verify its gzip; EntryError if anything is off.
+    data.gz's size is checked against meta.json before it is read, and it
+    is verified a READ_CHUNK at a time before it is read whole."""
     meta = read_meta(root, name)
+    fd, size = _open_regular(os.path.join(root, name, DATA), DATA)
     try:
-        with open(os.path.join(root, name, DATA), "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise EntryError("data.gz is missing") from None
-    if len(data) != meta["compressed_bytes"]:
-        raise EntryError(f"data.gz holds {len(data)} bytes, meta.json says "
-                         f"{meta['compressed_bytes']}")
-    try:
-        verify_gzip(data, meta["uncompressed_bytes"])
-    except ValueError as error:
-        raise EntryError(f"data.gz does not verify: {error}") from None
-    return Entry(name, meta, data)
+        if size != meta["compressed_bytes"]:
+            raise EntryError(f"data.gz holds {size} bytes, meta.json says "
+                             f"{meta['compressed_bytes']}")
+        try:
+            lines = verify_gzip_stream(_chunks(fd), meta["uncompressed_bytes"],
+                                       count_lines=True)
+        except ValueError as error:
+            raise EntryError(f"data.gz does not verify: {error}") from None
+        data = _read_exactly(fd, size, DATA)
+    finally:
+        os.close(fd)
+    return Entry(name, meta, data, lines=lines)
 
 
-def remove_temporaries(root: str) -> list[str]:
+def _remove(path: str) -> None:
+    """Delete a file, a symlink (not what it points to) or a directory tree."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _is_entry_dir(root: str, name: str) -> bool:
+    return (not name.startswith(".") and name != QUARANTINE
+            and os.path.isdir(os.path.join(root, name)))
+
+
+def remove_temporaries(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Delete leftovers of interrupted writes, updates and deletes: `.tmp-*`
-    in DLQ_DIR and `.*.tmp` files inside entries. Returns what went."""
-    removed = []
+    in DLQ_DIR and `.*.tmp` inside entries. Returns what went, and what
+    could not go (path, why): one leftover or entry that cannot be listed
+    or removed never stops the others. An entry that cannot be listed is
+    left for the read that follows, which quarantines it."""
+    removed: list[str] = []
+    kept: list[tuple[str, str]] = []
     for name in os.listdir(root):
-        path = os.path.join(root, name)
         if name.startswith(TMP_PREFIX):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-            removed.append(name)
-        elif not name.startswith(".") and name != QUARANTINE and os.path.isdir(path):
-            for inner in os.listdir(path):
-                if inner.startswith(".") and inner.endswith(".tmp"):
-                    os.unlink(os.path.join(path, inner))
+            try:
+                _remove(os.path.join(root, name))
+                removed.append(name)
+            except OSError as error:
+                kept.append((name, error.strerror or str(error)))
+            continue
+        if not _is_entry_dir(root, name):
+            continue
+        try:
+            inside = os.listdir(os.path.join(root, name))
+        except OSError:
+            continue
+        for inner in inside:
+            if inner.startswith(".") and inner.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(root, name, inner))
                     removed.append(f"{name}/{inner}")
-    return removed
+                except OSError as error:
+                    kept.append((f"{name}/{inner}", error.strerror or str(error)))
+    return removed, kept
 
 
 def quarantine(root: str, name: str, reason: str) -> str:
@@ -246,6 +340,7 @@ class Scan:
     entries: dict[str, tuple[int, int]]  # name -> (bytes, created_at_ms)
     removed: list[str]
     quarantined: list[tuple[str, str, str]]  # (name, reason, where, or error)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (leftover, why)
 
 
 def open_directory(root: str) -> Scan:
@@ -253,7 +348,7 @@ def open_directory(root: str) -> Scan:
     entry, quarantine what cannot be read. Problems with one entry never
     stop the scan."""
     os.makedirs(root, exist_ok=True)
-    removed = remove_temporaries(root)
+    removed, kept = remove_temporaries(root)
     entries: dict[str, tuple[int, int]] = {}
     quarantined = []
     for name in entry_names(root):
@@ -263,12 +358,17 @@ def open_directory(root: str) -> Scan:
             entries[name] = (size, entry.meta["created_at_ms"])
         except (EntryError, OSError) as error:
             reason = str(error) if isinstance(error, EntryError) else f"unreadable: {error}"
-            try:
-                where = quarantine(root, name, reason)
-            except OSError as move_error:
-                where = f"(not moved: {move_error.strerror})"
-            quarantined.append((name, reason, where))
-    return Scan(entries, removed, quarantined)
+            quarantined.append(_quarantined(root, name, reason))
+    return Scan(entries, removed, quarantined, kept)
+
+
+def _quarantined(root: str, name: str, reason: str) -> tuple[str, str, str]:
+    """Quarantine an entry; (name, reason, where it went or why it did not)."""
+    try:
+        where = quarantine(root, name, reason)
+    except OSError as move_error:
+        where = f"(not moved: {move_error.strerror})"
+    return name, reason, where
 
 
 class Busy(Exception):
@@ -280,7 +380,7 @@ def lock_entry(root: str, name: str) -> int:
     """Take the entry's lock without waiting. Returns the fd to pass to
     `unlock`; raises Busy, or FileNotFoundError when the entry is gone."""
     path = os.path.join(root, name)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -324,7 +424,10 @@ def remove_locked(root: str, name: str, fd: Optional[int]) -> None:
         doomed = os.path.join(root, f"{TMP_PREFIX}del-{name}")
         os.rename(os.path.join(root, name), doomed)
         fsutil.fsync_directory(root)
-        shutil.rmtree(doomed, ignore_errors=True)
+        if os.path.islink(doomed):
+            os.unlink(doomed)  # a symlinked entry: its link goes at once
+        else:
+            shutil.rmtree(doomed, ignore_errors=True)  # the rest: at the next start
     finally:
         unlock(fd)
 
@@ -376,9 +479,7 @@ def claim_oldest(root: str, known: list[str]) -> Pick:
         except FileNotFoundError:
             gone.append(name)
         except EntryError as error:
-            try:
-                where = quarantine(root, name, str(error))
-            except OSError as move_error:
-                where = f"(not moved: {move_error.strerror})"
-            quarantined.append((name, str(error), where))
+            quarantined.append(_quarantined(root, name, str(error)))
+        except OSError as error:
+            quarantined.append(_quarantined(root, name, f"unreadable: {error}"))
     return Pick(None, gone, quarantined)

@@ -118,8 +118,10 @@ class DeadLetterQueue:
 
     def open(self) -> "Deferred[None]":
         """Create the directory, clean up after a crash, quarantine broken
-        entries and load the rest. Never fails: a directory that cannot be
-        read is logged, and saves will then count their drops."""
+        entries and load the rest. Fails only when cancelled (a stop before
+        the start finished: it fires at once, whatever the scan's thread is
+        doing, and the scan's late result is ignored); a directory that
+        cannot be read is logged, and saves will then count their drops."""
         d = self._run(dlqdisk.open_directory, self.directory)
         d.addCallbacks(self._opened, self._open_failed)
         return d
@@ -128,17 +130,25 @@ class DeadLetterQueue:
         if scan.removed:
             _log.info("removed {count} leftovers of interrupted dead-letter writes in "
                       "{directory}", count=len(scan.removed), directory=self.directory)
+        for path, why in scan.kept:
+            self._metrics.dlq_scan_errors.inc()
+            _log.error("could not remove {path} from the dead-letter directory {directory} "
+                       "({why}); it is skipped, every entry is still loaded: remove it by "
+                       "hand", path=path, why=why, directory=self.directory)
         self._log_quarantined(scan.quarantined)
         self._set_entries(scan.entries)
         _log.info("dead-letter directory {directory}: {entries} entries, {bytes} bytes "
                   "of {max_bytes}", directory=self.directory, entries=len(self._entries),
                   bytes=self._bytes, max_bytes=self.max_bytes)
 
-    def _open_failed(self, failure: Failure) -> None:
+    def _open_failed(self, failure: Failure) -> Optional[Failure]:
+        if failure.check(CancelledError):
+            return failure
         _log.error("cannot open the dead-letter directory {directory}: {error}; failed "
                    "uploads will be dropped until it is usable (check DLQ_DIR and its "
                    "permissions)", directory=self.directory,
                    error=failure.getErrorMessage())
+        return None
 
     # -- saving ----------------------------------------------------------
 
@@ -258,8 +268,10 @@ class DeadLetterQueue:
     async def _succeeded(self, entry: dlqdisk.Entry) -> None:
         self._permanent_failures = 0
         self._not_before = 0.0
-        events = entry.meta["event_count"]
+        events = entry.events  # lines uploaded, not what meta.json claims
         self._metrics.dlq_events_reuploaded.inc(events)
+        if self._store is not None:
+            self._metrics.count_stored(self._store.name, "dlq", events, len(entry.data))
         self._forget(entry.name)
         _log.info("re-uploaded dead-letter entry {entry} ({events} events) as {key}",
                   entry=entry.name, events=events, key=entry.meta["key"])

@@ -56,9 +56,9 @@ class Uploader:
         metrics.upload_queue_capacity.set(queue_size)
         metrics.uploads_in_flight.set_function(lambda: self._in_flight)
         self._stored = (
-            metrics.events_stored.labels(store=store.name),
-            metrics.objects_stored.labels(store=store.name),
-            metrics.bytes_stored.labels(store=store.name),
+            metrics.events_stored.labels(store=store.name, path="upload"),
+            metrics.objects_stored.labels(store=store.name, path="upload"),
+            metrics.bytes_stored.labels(store=store.name, path="upload"),
         )
 
     def has_room(self) -> bool:

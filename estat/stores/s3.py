@@ -360,10 +360,7 @@ class S3Store:
                     s3_code=failure.code, retry=retry, retries=self.retries, delay=delay)
                 await deferLater(self._clock, delay, lambda: None)
             else:
-                self._metrics.s3_events_stored.inc(obj.event_count)
-                self._metrics.s3_objects_stored.inc()
-                self._metrics.s3_bytes_stored.inc(len(obj.data))
-                return
+                return  # counted by the caller, by path (estat_events_stored)
 
     def _attempt(self, obj: EncodedObject, url: str, headers: dict[str, str],
                  state: _PutState) -> "Deferred[None]":

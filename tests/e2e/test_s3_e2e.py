@@ -18,6 +18,8 @@ _log = Logger()
 
 BUCKET = "estat-e2e"
 KEY = re.compile(r"raw/dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/e2e-host-[0-9A-HJKMNP-TV-Z]{26}\.jsonl\.gz")
+# What the uploader stored in S3 (re-uploads from the DLQ have path="dlq").
+STORED = 'estat_{}_stored_total{{store="s3",path="upload"}}'
 
 
 def bucket_contents(client):  # type: ignore[no-untyped-def]
@@ -85,11 +87,11 @@ class S3EndToEnd(unittest.TestCase):
             self.assertEqual(got["Metadata"]["last-receive-ms"], str(lines[-1]["ts"]))
 
         metrics = yield poll_until(
-            lambda: (lambda m: m if m.get("estat_s3_events_stored_total") == count else None)(
+            lambda: (lambda m: m if m.get(STORED.format("events")) == count else None)(
                 server.metrics()), 10, what="the S3 counters to settle")
         self.assertEqual(metrics["estat_events_accepted_total"], count)
-        self.assertEqual(metrics['estat_events_stored_total{store="s3"}'], count)
-        self.assertEqual(metrics["estat_s3_objects_stored_total"], len(contents))
+        self.assertEqual(metrics[STORED.format("events")], count)
+        self.assertEqual(metrics[STORED.format("objects")], len(contents))
         self.assertEqual(metrics['estat_s3_put_attempts_total{outcome="ok"}'], len(contents))
         self.assertEqual(metrics['estat_s3_put_attempts_total{outcome="permanent"}'], 0)
         # A retried attempt (say, a keep-alive connection closed by the
@@ -97,7 +99,7 @@ class S3EndToEnd(unittest.TestCase):
         retried = metrics['estat_s3_put_attempts_total{outcome="retryable"}']
         self.assertEqual(retried, sum(value for name, value in metrics.items()
                                       if name.startswith("estat_s3_put_failures_total{")))
-        self.assertEqual(metrics["estat_s3_bytes_stored_total"],
+        self.assertEqual(metrics[STORED.format("bytes")],
                          sum(got["ContentLength"] for _, got, _ in contents))
         self.assertEqual(metrics["estat_s3_put_seconds_count"], len(contents) + retried)
         _log.info("S3 end to end: {accepted} events accepted, {found} found in the bucket "
