@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-_SEGMENT = re.compile(r"[A-Za-z0-9._=-]+(/[A-Za-z0-9._=-]+)*")
+from estat.model import unsafe_key_reason
+
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -52,9 +53,10 @@ def parse_tokens(text: str, source: str = "AUTH_TOKENS_FILE") -> dict[bytes, Wri
             raise TokensFileError(f"{source} line {number}: the name must be 1-64 letters, "
                                   "digits, '.', '_' or '-'.")
         segment = parts[2].strip("/") if len(parts) > 2 else ""
-        if segment and not _SEGMENT.fullmatch(segment):
-            raise TokensFileError(f"{source} line {number}: the prefix segment may hold only "
-                                  "letters, digits and . _ = - /.")
+        unsafe = unsafe_key_reason(segment) if segment else None
+        if unsafe is not None:
+            raise TokensFileError(f"{source} line {number}: the prefix segment {segment!r} "
+                                  f"is not safe in an object key: {unsafe}.")
         digest = _digest(key.encode())
         if digest in writers:
             raise TokensFileError(f"{source} line {number} repeats a key.")

@@ -1,10 +1,15 @@
 """The values that travel the pipeline: an accepted `Event`, a flushed
 `Batch`, an `EncodedObject` ready to store, and how batches and objects are
-named. Pure data: no I/O, no Twisted."""
+named. Pure data: no I/O, no Twisted.
+
+Every object key is built by `object_key` and checked there (`check_key`):
+each `/`-separated part is a plain name, so no key can point above the
+store's root, whatever a prefix, segment or host id holds."""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from itertools import repeat
@@ -75,11 +80,42 @@ def new_batch_id(
     return "".join(reversed(chars))
 
 
+# One part of a key: what PREFIX, a writer's segment and HOST_ID may hold.
+_KEY_PART = re.compile(r"[A-Za-z0-9._=-]+")
+
+
+class UnsafeKeyError(ValueError):
+    """A key, or a prefix or segment meant for one, could name a path
+    outside the store's root (or one that S3 and a file system disagree
+    on)."""
+
+
+def unsafe_key_reason(path: str) -> Optional[str]:
+    """Why `path` (parts joined by "/") cannot be (part of) an object key,
+    or None when every part is letters, digits and . _ = - and none is
+    empty, "." or ".."."""
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return f"{part!r} is not a name (no empty, '.' or '..' parts)"
+        if not _KEY_PART.fullmatch(part):
+            return f"{part!r} holds a character other than letters, digits and . _ = -"
+    return None
+
+
+def check_key(key: str) -> str:
+    """`key` if it is safe (see `unsafe_key_reason`), else UnsafeKeyError."""
+    reason = unsafe_key_reason(key)
+    if reason is not None:
+        raise UnsafeKeyError(f"unsafe object key {key!r}: {reason}")
+    return key
+
+
 def object_key(prefix: str, ts_ms: int, host_id: str, batch_id: str) -> str:
     """`{prefix}/dt=YYYY-MM-DD/hour=HH/{host}-{batch_id}.jsonl.gz` in UTC,
-    Hive-style partitions that Athena and Spark discover by themselves."""
+    Hive-style partitions that Athena and Spark discover by themselves.
+    The one place keys are made: raises UnsafeKeyError for an unsafe one."""
     moment = time.gmtime(ts_ms // 1000)
-    return (
+    return check_key(
         f"{prefix}/dt={moment.tm_year:04d}-{moment.tm_mon:02d}-{moment.tm_mday:02d}"
         f"/hour={moment.tm_hour:02d}/{host_id}-{batch_id}.jsonl.gz"
     )

@@ -1,6 +1,8 @@
 """The embedded default store: objects written under a local directory with
 the same keys as on S3, each committed atomically (temp file, fsync,
-rename, fsync of the directory) so a reader never sees a partial file."""
+rename, fsync of the directory) so a reader never sees a partial file.
+A key that is unsafe (see `estat.model.check_key`) or resolves outside the
+root (through a symlink in it, say) is refused, never written."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from estat.model import EncodedObject
-from estat.stores.base import RetryableStoreError
+from estat.model import EncodedObject, UnsafeKeyError, check_key
+from estat.stores.base import PermanentStoreError, RetryableStoreError
 from estat.stores.fsutil import write_atomically
 
 
@@ -29,11 +31,21 @@ class LocalStore:
         self._pool = pool
 
     def path_for(self, key: str) -> str:
-        return os.path.join(self.root, *key.split("/"))
+        """Where `key` goes; UnsafeKeyError if it is unsafe."""
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def _write(self, key: str, data: bytes) -> None:
+        """On the pool: refuse a key whose directory resolves (symlinks
+        followed) outside the root, then write it atomically."""
+        path = self.path_for(key)
+        root = os.path.realpath(self.root)
+        if os.path.commonpath([root, os.path.realpath(os.path.dirname(path))]) != root:
+            raise UnsafeKeyError(f"object key {key!r} resolves outside {self.root}")
+        write_atomically(path, data)
 
     def put(self, obj: EncodedObject) -> "Deferred[None]":
         d: "Deferred[None]" = deferToThreadPool(
-            self._reactor, self._pool, write_atomically, self.path_for(obj.key), obj.data
+            self._reactor, self._pool, self._write, obj.key, obj.data
         )
         d.addErrback(self._as_store_error)
         return d
@@ -48,7 +60,10 @@ class LocalStore:
     @staticmethod
     def _as_store_error(failure: Failure) -> Failure:
         """An OSError (a full disk, a read-only mount) may pass: retryable,
-        named by its errno. Anything else is a bug and stays as it is."""
+        named by its errno; an unsafe key is permanent. Anything else is a
+        bug and stays as it is."""
+        if failure.check(UnsafeKeyError):
+            raise PermanentStoreError("client_error", "UnsafeKey", failure.getErrorMessage())
         error = failure.check(OSError) and failure.value
         if isinstance(error, OSError):
             code = errno.errorcode.get(error.errno or 0, "EIO")
