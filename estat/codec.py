@@ -4,11 +4,17 @@ No Twisted here: these run on the encoder thread pool and are tested alone.
 Each event becomes `{"ts":<ms>,"body":<body as received>}\\n`; bodies that
 are not one JSON object (possible only with VALIDATE_JSON=false) go to a
 separate raw object as base64, so nothing is lost and no line is invalid.
+Should encoding fail even then, `EncodeFailed` carries the bodies as one
+raw object built by other code (`salvage_object`) for the dead-letter
+directory.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import re
+import time
 import zlib
 from operator import itemgetter
 from typing import Iterable, Iterator, Optional
@@ -217,16 +223,73 @@ def encode_batch(
     return objects
 
 
+class EncodeFailed(Exception):
+    """A batch could be encoded neither normally nor as raw lines. `salvage`
+    is its bodies as one raw object (see `salvage_object`), or None when
+    even that could not be built; `cause` is the raw encoding's error."""
+
+    def __init__(self, batch: Batch, cause: Exception,
+                 salvage: Optional[EncodedObject]) -> None:
+        super().__init__(f"batch {batch.batch_id} could not be encoded: "
+                         f"{type(cause).__name__}: {cause}")
+        self.batch = batch
+        self.cause = cause
+        self.salvage = salvage
+
+
 def encode_batch_safely(
     batch: Batch, *, validated: bool, prefix: str, raw_prefix: str, host_id: str
 ) -> list[EncodedObject]:
     """encode_batch, but should encoding fail unexpectedly, keep every body
     in a raw object under `raw_prefix` instead (reason `encode_error`), so
-    that a bug in the encoder loses no event."""
+    that a bug in the encoder loses no event; should that fail too, raise
+    EncodeFailed with the bodies salvaged."""
     try:
         return encode_batch(batch, validated=validated, prefix=prefix,
                             raw_prefix=raw_prefix, host_id=host_id)
     except Exception:
+        pass
+    try:
         return encode_batch(batch, validated=validated, prefix=prefix,
                             raw_prefix=raw_prefix, host_id=host_id,
                             all_raw_reason="encode_error")
+    except Exception as error:
+        try:
+            salvage: Optional[EncodedObject] = salvage_object(batch, raw_prefix, host_id)
+        except Exception:
+            salvage = None
+        raise EncodeFailed(batch, error, salvage) from error
+
+
+_UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._=-]")
+
+
+def _safe_part(text: str) -> str:
+    """A key part made of safe characters only, never "", "." or ".."."""
+    part = _UNSAFE_CHARACTERS.sub("_", text)[:64]
+    return part if part.strip(".") else "_" + part
+
+
+def salvage_object(batch: Batch, raw_prefix: str, host_id: str) -> EncodedObject:
+    """Every body of `batch` as a raw line `{"ts":…,"error":"encode_error",
+    "body_b64":…}` in one object, made without what `encode_batch` uses
+    (no object_key, event_line or isal: binascii, stdlib zlib, a key whose
+    parts are sanitised here), under `{raw_prefix}/dt=…/hour=…/` with no
+    writer segment, named like any object of the batch."""
+    lines = []
+    for event in batch.events:
+        lines.append(b'{"ts":%d,"error":"encode_error","body_b64":"%s"}\n' % (
+            int(event[0]), binascii.b2a_base64(bytes(event[1]), newline=False)))
+    text = b"".join(lines)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, GZIP_WBITS)
+    data = compressor.compress(text) + compressor.flush()
+    first = int(batch.events[0][0]) if batch.events else 0
+    last = int(batch.events[-1][0]) if batch.events else 0
+    moment = time.gmtime(max(0, first) // 1000)
+    prefix = "/".join(_safe_part(part) for part in raw_prefix.split("/") if part)
+    key = (f"{prefix or 'raw_dlq'}/dt={moment.tm_year:04d}-{moment.tm_mon:02d}-"
+           f"{moment.tm_mday:02d}/hour={moment.tm_hour:02d}/"
+           f"{_safe_part(host_id)}-{_safe_part(batch.batch_id)}.jsonl.gz")
+    return EncodedObject(key=key, data=data, event_count=len(lines),
+                         uncompressed_bytes=len(text), first_ts_ms=first, last_ts_ms=last,
+                         batch_id=batch.batch_id, kind="raw")

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 import estat
+from estat.codec import EncodeFailed
 from estat.dlq import disk as dlqdisk
 from estat.loops import guarded
 from estat.metrics import Metrics
@@ -190,10 +191,29 @@ class DeadLetterQueue:
         d.addCallbacks(saved, failed)
         return d
 
+    def salvage(self, failed: EncodeFailed) -> "Deferred[None]":
+        """Spool the bodies of a batch that could not be encoded (its
+        salvage object), or count and log them as lost when even that
+        could not be built. The Deferred never fails."""
+        if failed.salvage is None:
+            self._lost(len(failed.batch.events), f"batch {failed.batch.batch_id}",
+                       "encode_error", "it could not be encoded, not even as base64 lines "
+                       f"({type(failed.cause).__name__}: {failed.cause})")
+            return succeed(None)
+        _log.error("could not encode batch {batch_id} ({events} events): {error}; saving its "
+                   "bodies as base64 lines in {key} to the dead-letter directory",
+                   batch_id=failed.batch.batch_id, events=failed.salvage.event_count,
+                   error=str(failed.cause), key=failed.salvage.key)
+        return self.save(failed.salvage, PermanentStoreError(
+            "encode_error", type(failed.cause).__name__, str(failed.cause)))
+
     def _drop(self, obj: EncodedObject, reason: str, why: str) -> None:
-        self._metrics.dlq_dropped_events.labels(reason=reason).inc(obj.event_count)
+        self._lost(obj.event_count, obj.key, reason, why)
+
+    def _lost(self, events: int, what: str, reason: str, why: str) -> None:
+        self._metrics.dlq_dropped_events.labels(reason=reason).inc(events)
         _log.error("LOST {events} events of {key}: not dead-lettered because {why}",
-                   events=obj.event_count, key=obj.key, why=why, reason=reason)
+                   events=events, key=what, why=why, reason=reason)
 
     # -- draining --------------------------------------------------------
 

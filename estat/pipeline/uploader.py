@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
+from estat.codec import EncodeFailed
 from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
 from estat.stores.base import RetryableStoreError, Store, StoreError, as_store_error
@@ -23,6 +24,9 @@ class Spool(Protocol):
 
     def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
         ...
+
+    def salvage(self, failed: EncodeFailed) -> "Deferred[None]":
+        """Keep the bodies of a batch that could not be encoded."""
 
 
 Encoder = Callable[[Batch], "Deferred[list[EncodedObject]]"]
@@ -113,7 +117,11 @@ class Uploader:
 
     @inlineCallbacks
     def _process(self, batch: Batch):  # type: ignore[no-untyped-def]
-        objects = yield self._encode(batch)
+        try:
+            objects = yield self._encode(batch)
+        except EncodeFailed as failed:
+            yield self.spool.salvage(failed)
+            raise  # still a bug in this loop: logged and counted by _unexpected
         for obj in objects:
             if obj.kind == "raw":
                 self._metrics.raw_events.inc(obj.event_count)
