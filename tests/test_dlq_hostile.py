@@ -37,6 +37,16 @@ def spooled(test: unittest.TestCase, count: int) -> tuple[str, list[str]]:
     return root, first.entries()
 
 
+def rewrite_meta(root: str, name: str, **changes: Any) -> None:
+    """Change fields of an entry's meta.json, as a careless hand would."""
+    path = os.path.join(root, name, dlqdisk.META)
+    with open(path) as handle:
+        meta = json.load(handle)
+    meta.update(changes)
+    with open(path, "w") as handle:
+        json.dump(meta, handle)
+
+
 def denied_inside(test: unittest.TestCase, directory: str) -> None:
     """Make `directory` behave as a mode-000 directory does for a non-root
     user (tests run as root, where chmod 000 denies nothing): listing it,
@@ -219,12 +229,7 @@ class Sizes(unittest.TestCase):
     def test_a_sparse_data_gz_that_meta_agrees_with_is_verified_in_pieces(self) -> None:
         root, (good, huge) = spooled(self, 2)
         os.truncate(os.path.join(root, huge, dlqdisk.DATA), self.SPARSE)
-        path = os.path.join(root, huge, dlqdisk.META)
-        with open(path) as handle:
-            meta = json.load(handle)
-        meta["compressed_bytes"] = self.SPARSE
-        with open(path, "w") as handle:
-            json.dump(meta, handle)
+        rewrite_meta(root, huge, compressed_bytes=self.SPARSE)
         peak, h = self.peak_while_opening(root)
         self.assertEqual(h.dlq.entry_names(), [good])
         self.assertLess(peak, 16 * 1024 * 1024)
@@ -241,12 +246,7 @@ class ReuploadCounts(unittest.TestCase):
 
     def test_events_reuploaded_counts_lines_not_meta(self) -> None:
         root, [liar] = spooled(self, 1)  # make_object: 3 events, 3 lines
-        path = os.path.join(root, liar, dlqdisk.META)
-        with open(path) as handle:
-            meta = json.load(handle)
-        meta["event_count"] = 999
-        with open(path, "w") as handle:
-            json.dump(meta, handle)
+        rewrite_meta(root, liar, event_count=999)
         h = Harness(root).opened()
         h.drain()
         h.clock.advance(1)
