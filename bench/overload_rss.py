@@ -174,7 +174,7 @@ def main(reactor: Any, options: argparse.Namespace):  # type: ignore[no-untyped-
         proxy.set_delay(0)
         yield poll_until(
             lambda: server.metrics().get(
-                'estat_events_stored_total{store="s3",path="upload"}', 0) >= accepted
+                'estat_events_stored_total{path="upload",store="s3"}', 0) >= accepted
             and server.metrics().get("estat_dlq_entries", 0) == 0, 300,
             interval=0.5, what="every accepted event to be stored")
         drain_s = time.monotonic() - recovered_at

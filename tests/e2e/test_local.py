@@ -37,7 +37,7 @@ class LocalStoreEndToEnd(unittest.TestCase):
         self.assertTrue(all(isinstance(line["ts"], int) for line in lines))
         metrics = server.metrics()
         self.assertEqual(metrics["estat_events_accepted_total"], 50)
-        self.assertEqual(metrics['estat_events_stored_total{store="local",path="upload"}'], 50)
+        self.assertEqual(metrics['estat_events_stored_total{path="upload",store="local"}'], 50)
         self.assertEqual(metrics['estat_events_rejected_total{reason="invalid_json"}'], 1)
         code = yield server.stop()
         self.assertIn(code, (0, -15), server.output())

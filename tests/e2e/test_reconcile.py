@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from tests.e2e.reconcile import Found, Harness, Outcome, Report, reconcile
 from tests.support import poll_until
 
-STORED = 'estat_events_stored_total{store="s3",path="upload"}'
+STORED = 'estat_events_stored_total{path="upload",store="s3"}'
 DLQ_IN = "estat_dlq_events_enqueued_total"
 DLQ_OUT = "estat_dlq_events_reuploaded_total"
 

@@ -19,7 +19,7 @@ _log = Logger()
 BUCKET = "estat-e2e"
 KEY = re.compile(r"raw/dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/e2e-host-[0-9A-HJKMNP-TV-Z]{26}\.jsonl\.gz")
 # What the uploader stored in S3 (re-uploads from the DLQ have path="dlq").
-STORED = 'estat_{}_stored_total{{store="s3",path="upload"}}'
+STORED = 'estat_{}_stored_total{{path="upload",store="s3"}}'
 
 
 def bucket_contents(client):  # type: ignore[no-untyped-def]
