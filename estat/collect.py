@@ -2,17 +2,18 @@
 NDJSON with one event per line) and the health endpoints.
 
 The handlers are plain functions of an `IngestRequest` returning an
-`Answer`; `estat.http.channel` parses HTTP and writes the answers."""
+`Answer`; `estat.http` parses HTTP and writes the answers."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredQueue
 
 from estat.auth import WriteKeys
-from estat.http.request import IngestRequest, error_body
+from estat.http.request import IngestRequest
+from estat.http.response import Answer, error_body
 from estat.metrics import REJECT_REASONS, Metrics
 from estat.model import Event, events_of
 from estat.validate import body_error
@@ -82,16 +83,6 @@ class IngestState:
         if self.cors_any:
             return b"*"
         return origin if origin in self.cors_origins else None
-
-
-class Answer(NamedTuple):
-    """What a handler answers: status, JSON body, extra headers, and
-    whether the connection closes after it."""
-
-    code: int
-    body: bytes
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    close: bool = False
 
 
 ACCEPTED = Answer(202, ACCEPTED_BODY)

@@ -30,8 +30,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from estat.collect import Answer, IngestState, Routes
-from estat.http.request import IngestRequest, TooLarge, error_body, raw_error, response
+from estat.collect import IngestState, Routes
+from estat.http.request import IngestRequest, TooLarge
+from estat.http.response import Answer, error_body, raw_error, response
 
 _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
