@@ -26,26 +26,21 @@ ACCEPTED_BODY = b'{"status":"accepted"}\n'
 
 class IngestState:
     """What the request path needs to know about the server: the event
-    queue, whether it is draining, and the limits it enforces."""
+    queue, whether it is draining, who may write from where, and the
+    counters of what it answers."""
 
     def __init__(
         self,
         queue: DeferredQueue,
         metrics: Metrics,
-        max_body_size: int,
         validate_json: bool,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-        max_batch_body_size: int = 1024 * 1024,
-        max_batch_events: int = 1000,
         write_keys: Optional[WriteKeys] = None,
         cors_origins: str = "",
     ) -> None:
         self.queue = queue
         self.queue_size = queue.size or 0
         self.metrics = metrics
-        self.max_body_size = max_body_size
-        self.max_batch_body_size = max_batch_body_size
-        self.max_batch_events = max_batch_events
         self.validate_json = validate_json
         self.write_keys = write_keys
         origins = {o.strip().encode() for o in cors_origins.split(",") if o.strip()}
@@ -76,6 +71,10 @@ class IngestState:
     def count_rejected(self, reason: str, amount: int = 1) -> None:
         self._rejected[reason].inc(amount)
 
+    def gauge_connections(self, count: Callable[[], int]) -> None:
+        """Export `count()` as the open-connections gauge."""
+        self.metrics.open_connections.set_function(count)
+
     def allowed_origin(self, origin: Optional[bytes]) -> Optional[bytes]:
         """The Access-Control-Allow-Origin value for `origin`, if allowed."""
         if origin is None:
@@ -103,10 +102,14 @@ class Collect:
     or refused as a whole (so a client's retry never duplicates). Multipart
     bodies are refused (415). A body labelled as a URL-encoded form is taken
     as JSON when it is JSON (curl's `--data` sends that label) and refused
-    with 415 otherwise."""
+    with 415 otherwise. Each line of a batch is held to `max_event_bytes`,
+    like a single event, and a batch to `max_batch_events`."""
 
-    def __init__(self, state: IngestState) -> None:
+    def __init__(self, state: IngestState, max_event_bytes: int,
+                 max_batch_events: int) -> None:
         self.state = state
+        self.max_event_bytes = max_event_bytes
+        self.max_batch_events = max_batch_events
         self._accepted = state.metrics.events_accepted
 
     def __call__(self, request: IngestRequest) -> Answer:
@@ -171,10 +174,10 @@ class Collect:
                 line = line[:-1]
             if not line.strip():
                 continue
-            if len(line) > state.max_body_size:
+            if len(line) > self.max_event_bytes:
                 state.count_rejected("too_large")
                 return Answer(413, error_body(
-                    "too_large", line=number, max_bytes=state.max_body_size))
+                    "too_large", line=number, max_bytes=self.max_event_bytes))
             if state.validate_json:
                 problem = body_error(line)
                 if problem is not None:
@@ -184,9 +187,9 @@ class Collect:
         if not events:
             state.count_rejected("invalid_json")
             return Answer(400, error_body("invalid_json", detail="no_events"))
-        if len(events) > state.max_batch_events:
+        if len(events) > self.max_batch_events:
             state.count_rejected("too_large")
-            return Answer(413, error_body("too_many_events", max_events=state.max_batch_events))
+            return Answer(413, error_body("too_many_events", max_events=self.max_batch_events))
         if len(events) > state.room():
             return self._unavailable("queue_full")
         state.queue.pending.extend(events_of(state.now_ms(), events, segment))
@@ -243,11 +246,13 @@ def _get_only(request: IngestRequest, answer: Callable[[], Answer]) -> Answer:
 
 class Routes:
     """The ingest listener's paths, matched exactly (`/collect`, not
-    `/collect/`); everything else is a JSON 404."""
+    `/collect/`); everything else is a JSON 404. `max_event_bytes` and
+    `max_batch_events` are `Collect`'s."""
 
-    def __init__(self, state: IngestState) -> None:
+    def __init__(self, state: IngestState, max_event_bytes: int,
+                 max_batch_events: int) -> None:
         self.state = state
-        collect = Collect(state)
+        collect = Collect(state, max_event_bytes, max_batch_events)
         self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
             b"/collect": collect,
             b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),

@@ -27,10 +27,11 @@ import estat
 from estat.admin import AdminSite, HealthResource, MetricsPage, ReadyResource
 from estat.auth import TokensFileError, WriteKeys
 from estat.codec import encode_batch_safely
-from estat.collect import IngestState
+from estat.collect import IngestState, Routes
 from estat.config import Settings
 from estat.dlq.spool import DeadLetterQueue
 from estat.http.channel import IngestListener
+from estat.http.limits import Limits
 from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
 from estat.pipeline.batcher import Batcher
@@ -118,10 +119,7 @@ class IngestService(Service):
         self.queue: DeferredQueue = DeferredQueue(size=settings.event_queue_size)
         self.write_keys = (WriteKeys.from_file(settings.auth_tokens_file)
                            if settings.auth_tokens_file else None)
-        self.state = IngestState(self.queue, self.metrics, settings.max_body_size,
-                                 settings.validate_json,
-                                 max_batch_body_size=settings.max_batch_body_size,
-                                 max_batch_events=settings.max_batch_events,
+        self.state = IngestState(self.queue, self.metrics, settings.validate_json,
                                  write_keys=self.write_keys,
                                  cors_origins=settings.cors_allowed_origins)
         self.metrics.ready.set_function(lambda: 1 if self.state.ready() else 0)
@@ -134,11 +132,16 @@ class IngestService(Service):
         self.batcher = Batcher(reactor, self.queue, self.uploader, self.metrics,
                                settings.batch_size, settings.batch_max_bytes,
                                settings.flush_interval)
+        limits = Limits(
+            max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
+            max_body_size=settings.max_body_size,
+            max_batch_body_size=settings.max_batch_body_size,
+            request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
+            max_connections=settings.max_connections)
         self.ingest_listener = IngestListener(
-            self.state, idle_timeout=settings.idle_timeout, reactor=reactor,
-            request_timeout=settings.request_timeout,
-            max_connections=settings.max_connections, max_headers=settings.max_headers,
-            max_header_bytes=settings.max_header_bytes)
+            handler=Routes(self.state, max_event_bytes=settings.max_body_size,
+                           max_batch_events=settings.max_batch_events),
+            limits=limits, counters=self.state, reactor=reactor)
         self.admin_site = AdminSite({
             b"metrics": MetricsPage(self.registry),
             b"healthz": HealthResource(),

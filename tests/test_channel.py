@@ -6,29 +6,15 @@ from __future__ import annotations
 
 import json
 
-from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import DeferredQueue
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial import unittest
 
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
-from estat.metrics import Metrics
-from tests.test_web import Exchange, post_bytes
+from tests.support import Exchange, ListenerTestCase, post_bytes
 
 
-class ChannelTests(unittest.TestCase):
+class ChannelTests(ListenerTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.registry = CollectorRegistry()
-        self.queue: DeferredQueue = DeferredQueue(size=100)
-        self.state = IngestState(self.queue, Metrics(self.registry, process=False), 1024, True,
-                                 now_ms=lambda: 1)
-        self.state.started = True
-        self.listener = IngestListener(self.state, reactor=self.clock, idle_timeout=30,
-                                       request_timeout=10, max_header_bytes=512, max_headers=8)
+        self.listen(idle_timeout=30, request_timeout=10, max_header_bytes=512, max_headers=8)
 
     def test_pipelined_requests_are_answered_in_order_in_one_write(self):
         client = Exchange(self.listener)
@@ -121,7 +107,7 @@ class ChannelTests(unittest.TestCase):
     def test_open_connections_gauge_counts_connections(self):
         clients = [Exchange(self.listener) for _ in range(3)]
         clients[0].channel.connectionLost(None)
-        self.assertEqual(self.registry.get_sample_value("estat_open_connections"), 2)
+        self.assertEqual(self.metric("estat_open_connections"), 2)
 
     def test_a_client_that_does_not_take_its_last_answer_is_aborted(self):
         client = Exchange(self.listener)
@@ -162,3 +148,4 @@ class ChannelTests(unittest.TestCase):
         self.assertEqual(answers, count)
         self.assertEqual(transport.producerState, "producing")
         self.assertFalse(transport.disconnecting)
+

@@ -11,15 +11,13 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
 from estat.metrics import Metrics
 from estat.model import Event
 from estat.pipeline.batcher import Batcher
 from estat.pipeline.uploader import Uploader
 from estat.stores.base import PermanentStoreError, RetryableStoreError
 from tests.fakes import FakeStore, RecordingSpool, sync_encoder
-from tests.test_web import Exchange, post_bytes
+from tests.support import Exchange, make_listener, post_bytes
 
 
 class PipelineTests(unittest.TestCase):
@@ -96,12 +94,11 @@ class PipelineTests(unittest.TestCase):
     def test_backpressure_chain_ends_in_503_and_recovers(self):
         self.build(batch_size=2, queue_size=4, upload_queue_size=1, concurrency=1,
                    store=FakeStore(manual=True))
-        state = IngestState(self.queue, self.metrics, 1000, True)
-        state.started = True
-        site = IngestListener(state, reactor=self.clock)
+        setup = make_listener(clock=self.clock, queue=self.queue, metrics=self.metrics)
+        state = setup.state
         codes = []
         for i in range(12):
-            [(code, _, _)] = Exchange(site).send_and_read(post_bytes(b'{"n":%d}' % i))
+            [(code, _, _)] = Exchange(setup.listener).send_and_read(post_bytes(b'{"n":%d}' % i))
             codes.append(code)
             self.clock.advance(0.05)
         # 1 batch uploading + 1 queued + 1 full open batch + 4 in the event queue

@@ -1,90 +1,22 @@
-"""The /collect resource and its bounded request, driven with raw HTTP
-bytes over an in-memory transport (no sockets)."""
+"""The /collect handler and the health endpoints, behind the ingest
+listener and its bounded request, driven with raw HTTP bytes over an
+in-memory transport (no sockets)."""
 
 from __future__ import annotations
 
 import json
 
-from prometheus_client import CollectorRegistry
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import DeferredQueue
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.trial import unittest
-
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
 from estat.http.request import IngestRequest
-from estat.metrics import Metrics
 from estat.model import Event
+from tests.support import Exchange, ListenerTestCase, post_bytes
 
 
-class Exchange:
-    """One client connection to the site: send bytes, read the answers."""
-
-    def __init__(self, site: IngestListener) -> None:
-        self.transport = StringTransport()
-        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-        self.channel.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        self.channel.dataReceived(data)
-
-    def send_in_pieces(self, data: bytes, cuts: list[int]) -> None:
-        """Send `data` cut at the given offsets (out of range ones ignored)."""
-        last = 0
-        for cut in sorted(set(c for c in cuts if c < len(data))):
-            self.send(data[last:cut])
-            last = cut
-        self.send(data[last:])
-
-    def send_and_read(self, data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        self.send(data)
-        return self.responses()
-
-    def responses(self) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        """Parse every complete response written so far."""
-        return self.parse(self.transport.value())
-
-    @staticmethod
-    def parse(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        out = []
-        while data:
-            head, _, rest = data.partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            code = int(lines[0].split(b" ")[1])
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower()] = value.strip()
-            length = int(headers.get(b"content-length", b"0"))
-            out.append((code, headers, rest[:length]))
-            data = rest[length:]
-        return out
-
-
-def post_bytes(body: bytes, content_type: bytes = b"application/json",
-               path: bytes = b"/collect", extra: bytes = b"") -> bytes:
-    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (path, content_type, len(body), extra, body))
-
-
-class CollectTests(unittest.TestCase):
+class CollectTests(ListenerTestCase):
     def setUp(self) -> None:
-        self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=3)
-        self.state = IngestState(self.queue, self.metrics, max_body_size=64,
-                                 validate_json=True, now_ms=lambda: 1700000000123)
-        self.state.started = True
-        self.site = IngestListener(self.state, reactor=Clock())
-
-    def metric(self, name: str, **labels: str) -> float:
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        self.listen(queue_size=3, max_body_size=64, now_ms=lambda: 1700000000123)
 
     def exchange(self, *requests: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         for request in requests:
             client.send(request)
         return client.responses()
@@ -120,7 +52,7 @@ class CollectTests(unittest.TestCase):
         self.assertEqual(code, 202)
 
     def test_declared_length_over_the_limit_is_refused_before_the_body(self):
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
         [(code, headers, answer)] = client.responses()
@@ -139,7 +71,7 @@ class CollectTests(unittest.TestCase):
         self.assertEqual(self.queue.pending, [])
 
     def test_chunked_body_growing_past_the_limit_is_cut_off(self):
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n")
         client.send(b"20\r\n" + b"{" + b" " * 31 + b"\r\n")
@@ -228,29 +160,26 @@ def gzip_of(data: bytes) -> bytes:
     return gzip.compress(data)
 
 
-class BatchAndGzipTests(unittest.TestCase):
+class BatchAndGzipTests(ListenerTestCase):
     """NDJSON batches and gzip'd request bodies."""
 
     def setUp(self) -> None:
-        self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=10)
-        self.state = IngestState(self.queue, self.metrics, max_body_size=64,
-                                 validate_json=True, now_ms=lambda: 5,
-                                 max_batch_body_size=256, max_batch_events=4)
-        self.state.started = True
-        self.site = IngestListener(self.state, reactor=Clock())
+        self.setup_listener()
+
+    def setup_listener(self, max_batch_body_size: int = 256) -> None:
+        self.listen(queue_size=10, max_body_size=64, now_ms=lambda: 5,
+                    max_batch_body_size=max_batch_body_size, max_batch_events=4)
 
     def send(self, body: bytes, ctype: bytes = b"application/x-ndjson",
              extra: bytes = b""):
-        [answer] = Exchange(self.site).send_and_read(post_bytes(body, ctype, extra=extra))
+        [answer] = Exchange(self.listener).send_and_read(post_bytes(body, ctype, extra=extra))
         return answer[0], json.loads(answer[2])
 
     def test_ndjson_batch_is_accepted_whole_line_by_line(self):
         code, answer = self.send(b'{"a":1}\n{"a":2}\r\n\n{"a":3}\n')
         self.assertEqual((code, answer), (202, {"status": "accepted", "events": 3}))
         self.assertEqual(self.queue.pending, [(5, b'{"a":1}', ""), (5, b'{"a":2}', ""), (5, b'{"a":3}', "")])
-        self.assertEqual(self.registry.get_sample_value("estat_events_accepted_total"), 3)
+        self.assertEqual(self.metric("estat_events_accepted_total"), 3)
 
     def test_a_bad_line_refuses_the_whole_batch_and_names_the_line(self):
         code, answer = self.send(b'{"a":1}\n{"a":2}\n[3]\n{"a":4}\n')
@@ -295,10 +224,10 @@ class BatchAndGzipTests(unittest.TestCase):
         self.assertEqual((code, answer["events"]), (202, 2))
 
     def test_gzip_bomb_is_cut_off_at_the_limit(self):
-        self.state.max_batch_body_size = 65536
+        self.setup_listener(max_batch_body_size=65536)
         bomb = gzip_of(b"{" + b" " * 20_000_000 + b"}")
         self.assertLess(len(bomb), 65536)  # small on the wire, 20 MB inflated
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         inflated = []
         request_class = IngestRequest
         original = request_class._inflate
@@ -323,8 +252,8 @@ class BatchAndGzipTests(unittest.TestCase):
         code, answer = self.send(b'{"a":1}\n', extra=b"Content-Encoding: br\r\n")
         self.assertEqual((code, answer["error"]), (415, "unsupported_media_type"))
         self.assertEqual(self.queue.pending, [])
-        self.assertEqual(self.registry.get_sample_value(
-            "estat_events_rejected_total", {"reason": "invalid_encoding"}), 2)
+        self.assertEqual(self.metric(
+            "estat_events_rejected_total", reason="invalid_encoding"), 2)
 
     def test_a_line_over_the_single_event_limit_refuses_the_batch(self):
         """Each line is one event, held to MAX_BODY_SIZE like a single event,
