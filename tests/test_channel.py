@@ -5,11 +5,17 @@ raw bytes over an in-memory transport and a Clock."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
 
-from tests.support import Exchange, ListenerTestCase, post_bytes
+from estat.http.channel import IngestListener
+from estat.http.request import IngestRequest
+from estat.http.response import Answer, raw_error, response
+from tests.support import TEST_LIMITS, Exchange, ListenerTestCase, post_bytes
 
 
 class ChannelTests(ListenerTestCase):
@@ -149,3 +155,104 @@ class ChannelTests(ListenerTestCase):
         self.assertEqual(transport.producerState, "producing")
         self.assertFalse(transport.disconnecting)
 
+
+class _Counts:
+    """Counters that remember what the listener reported."""
+
+    def __init__(self) -> None:
+        self.responses: list[int] = []
+        self.rejected: list[str] = []
+        self.open_connections = lambda: -1
+
+    def count_response(self, code: int) -> None:
+        self.responses.append(code)
+
+    def count_rejected(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    def gauge_connections(self, count) -> None:
+        self.open_connections = count
+
+
+class ListenerTests(unittest.TestCase):
+    """The listener is the protocol only: it answers with the handler it is
+    given, within the limits it is given, and reports to its counters."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.counts = _Counts()
+        self.seen: list[IngestRequest] = []
+
+        def handler(request: IngestRequest) -> Answer:
+            self.seen.append(request)
+            return Answer(201, b'{"made":true}\n', ((b"x-handler", b"yes"),))
+
+        limits = replace(TEST_LIMITS, max_body_size=8, request_timeout=4)
+        self.listener = IngestListener(handler=handler, limits=limits, counters=self.counts,
+                                       reactor=self.clock)
+
+    def test_answers_with_the_injected_handler_and_counts(self):
+        self.listener.doStart()
+        client = Exchange(self.listener)
+        [(code, headers, body)] = client.send_and_read(post_bytes(b"{}", path=b"/anything"))
+        self.assertEqual((code, headers[b"x-handler"], body), (201, b"yes", b'{"made":true}\n'))
+        [request] = self.seen
+        self.assertEqual((request.method, request.path, request.body), (b"POST", b"/anything", b"{}"))
+        client.send(post_bytes(b"{" + b" " * 8 + b"}"))
+        self.assertEqual([code for code, _, _ in client.responses()], [201, 413])
+        self.assertEqual(len(self.seen), 1)
+        self.assertEqual((self.counts.responses, self.counts.rejected), ([201, 413], ["too_large"]))
+        self.assertEqual(self.counts.open_connections(), 1)
+
+    def test_the_reaper_runs_from_start_to_stop_of_the_factory(self):
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        client = Exchange(self.listener)
+        client.send(b"POST /collect HTTP/1.1\r\n")
+        self.clock.advance(10)
+        self.assertEqual(client.responses(), [])  # not started: nothing reaps
+        self.listener.doStart()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)  # the request began 11 s ago: over the timeout of 4
+        self.assertEqual([code for code, _, _ in client.responses()], [408])
+        self.listener.doStop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_connections_leaves_no_timer_once_they_are_gone(self):
+        busy = Exchange(self.listener)
+        busy.send(b"POST /collect HTTP/1.1\r\n")
+        idle = Exchange(self.listener)
+        closed = self.listener.close_connections(grace=5)
+        self.assertTrue(idle.transport.disconnecting)
+        self.assertFalse(busy.transport.disconnecting)
+        idle.channel.connectionLost(None)
+        self.assertNoResult(closed)
+        busy.channel.connectionLost(None)
+        self.successResultOf(closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_connections_aborts_what_is_left_after_the_grace(self):
+        busy = Exchange(self.listener)
+        busy.send(b"POST /collect HTTP/1.1\r\n")
+        closed = self.listener.close_connections(grace=5)
+        self.clock.advance(4.9)
+        self.assertFalse(busy.transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(busy.transport.disconnected)  # aborted
+        self.assertNoResult(closed)  # until the connection is really gone
+        busy.channel.connectionLost(None)
+        self.assertIsNone(self.successResultOf(closed))
+
+
+class ResponseTests(unittest.TestCase):
+    def test_a_204_has_no_length_and_head_no_body(self):
+        no_content = response(204, b"", ((b"allow", b"POST"),))
+        self.assertNotIn(b"Content-Length", no_content)
+        self.assertTrue(no_content.endswith(b"allow: POST\r\n\r\n"))
+        head = response(200, b'{"status":"ok"}\n', close=True, head_only=True)
+        self.assertIn(b"Content-Length: 16\r\nConnection: close\r\n\r\n", head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+
+    def test_an_error_closes_and_names_the_error(self):
+        [(code, headers, body)] = Exchange.parse(raw_error(431, "headers_too_large", max_headers=5))
+        self.assertEqual((code, headers[b"connection"]), (431, b"close"))
+        self.assertEqual(json.loads(body), {"error": "headers_too_large", "max_headers": 5})
