@@ -284,9 +284,9 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
                   max_batch_events: int = 1000, write_keys: Optional[WriteKeys] = None,
                   cors_origins: str = "", clock: Optional[Clock] = None,
                   queue: Optional[DeferredQueue] = None, metrics: Optional[Metrics] = None,
-                  **limits: Any) -> Listening:
+                  **changed_limits: Any) -> Listening:
     """The ingest listener as the server wires it (its handler, state and
-    counters), with `TEST_LIMITS` changed by `limits`, started as a port
+    counters), with `TEST_LIMITS` changed by `changed_limits`, started as a port
     starts it: its reaper runs on `clock`. The state is started (ready);
     `queue` and `metrics` are made unless given."""
     clock = clock if clock is not None else Clock()
@@ -297,11 +297,11 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
     state = IngestState(queue, metrics, True, now_ms=now_ms, write_keys=write_keys,
                         cors_origins=cors_origins)
     state.started = True
-    settings = replace(TEST_LIMITS, **limits)
+    limits = replace(TEST_LIMITS, **changed_limits)
     listener = IngestListener(
-        handler=Routes(state, max_event_bytes=settings.max_body_size,
+        handler=Routes(state, max_event_bytes=limits.max_body_size,
                        max_batch_events=max_batch_events),
-        limits=settings, counters=state, reactor=clock)
+        limits=limits, counters=state, reactor=clock)
     listener.doStart()
     return Listening(listener, queue, state, metrics.registry, clock)
 
