@@ -363,7 +363,7 @@ def run_worker(index: int, ports: str) -> None:
     from twisted.internet.protocol import Protocol
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from estat.service import IngestService
+    from estat.service import IngestService, build
 
     payload = json.loads(os.environ.pop(SETTINGS_ENV))
     payload["listen"] = tuple(payload["listen"])
@@ -372,7 +372,9 @@ def run_worker(index: int, ports: str) -> None:
                                      redirectStandardIO=False)
     inherited = [(int(fd), int(family)) for fd, family in
                  (item.split(":") for item in ports.split(",") if item)]
-    service = IngestService(settings, reactor, own_signals=True, inherited_ports=inherited)
+    ingest_reactor: Any = reactor  # provides every interface IIngestReactor names
+    service = IngestService(build(settings, ingest_reactor), own_signals=True,
+                            inherited_ports=inherited)
 
     class _ParentWatch(Protocol):
         def connectionLost(self, reason: Any = None) -> None:
