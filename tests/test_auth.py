@@ -15,8 +15,8 @@ from estat.codec import encode_batch
 from estat.collect import IngestState
 from estat.http.channel import IngestListener
 from estat.metrics import Metrics
-from estat.pipeline.queue import EventQueue
 from estat.model import Batch
+from estat.pipeline.queue import EventQueue
 from tests.support import make_workdir
 from tests.test_web import Exchange, post_bytes
 

@@ -17,7 +17,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransportWithDisconnection,
+)
 from twisted.logger import capturedLogs
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
@@ -311,7 +314,7 @@ class StopTests(unittest.TestCase):
 
     def test_the_stop_order(self):
         h = ServiceHarness(self)
-        idle, busy = self.accept(h)
+        _, busy = self.accept(h)
         del h.log[:]
         stopped = h.service.stopService()
         # /readyz was 503 before the port stopped; the idle connection closed
@@ -345,7 +348,7 @@ class StopTests(unittest.TestCase):
 
     def test_at_the_deadline_uploads_are_cancelled_into_the_dead_letter_queue(self):
         h = ServiceHarness(self)
-        idle, busy = self.accept(h)
+        _, busy = self.accept(h)
         stopped = h.service.stopService()
         h.reactor.advance(4.9)
         self.assertNotIn("closed busy", h.log)

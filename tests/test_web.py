@@ -13,11 +13,11 @@ from twisted.trial import unittest
 
 from estat.collect import IngestState
 from estat.http.channel import IngestListener
-from estat.lifecycle import Lifecycle
 from estat.http.request import IngestRequest
+from estat.lifecycle import Lifecycle
 from estat.metrics import Metrics
-from estat.pipeline.queue import EventQueue
 from estat.model import Event
+from estat.pipeline.queue import EventQueue
 
 
 class Exchange:
