@@ -287,7 +287,7 @@ class ListenerService(Service):
         return succeed(None)
 
 
-def endpoint_listener(name: str, reactor: Any, description: str,
+def endpoint_listener(name: str, reactor: IIngestReactor, description: str,
                       factory: IProtocolFactory) -> ListenerService:
     """A listener on a Twisted endpoint string such as `tcp:8080`."""
     return ListenerService(
