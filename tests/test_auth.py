@@ -7,7 +7,6 @@ import json
 import os
 
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -17,6 +16,7 @@ from estat.collect import IngestState
 from estat.http.channel import IngestListener
 from estat.metrics import Metrics
 from estat.model import Batch
+from estat.pipeline.queue import EventQueue
 from tests.support import make_workdir
 from tests.test_web import Exchange, post_bytes
 
@@ -83,11 +83,11 @@ class AuthenticatedCollectTests(unittest.TestCase):
     def setUp(self) -> None:
         self.registry = CollectorRegistry()
         metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=10)
+        self.queue: EventQueue = EventQueue(10)
         self.state = IngestState(self.queue, metrics, 1024, True, now_ms=lambda: 7,
                                  write_keys=WriteKeys("x", parse_tokens(TOKENS)),
                                  cors_origins="https://app.example, https://b.example")
-        self.state.started = True
+        self.state.lifecycle.start_running()
         self.site = IngestListener(self.state, reactor=Clock())
 
     def one(self, raw: bytes):
@@ -101,7 +101,7 @@ class AuthenticatedCollectTests(unittest.TestCase):
         self.assertIn(b"Bearer", headers[b"www-authenticate"])
         code, _, body = self.one(post_bytes(b'{"a":1}', extra=b"X-Write-Key: wrong-wrong-wrong\r\n"))
         self.assertEqual((code, json.loads(body)["detail"]), (401, "invalid_key"))
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
         for reason in ("auth_missing", "auth_invalid"):
             self.assertEqual(self.registry.get_sample_value(
                 "estat_events_rejected_total", {"reason": reason}), 1)
@@ -113,9 +113,9 @@ class AuthenticatedCollectTests(unittest.TestCase):
         code, _, _ = self.one(post_bytes(b'{"b":1}\n{"b":2}\n', b"application/x-ndjson",
                                          extra=b"X-Write-Key: %s\r\n" % KEY_B.encode()))
         self.assertEqual(code, 202)
-        self.assertEqual(self.queue.pending,
+        self.assertEqual(list(self.queue),
                          [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}', ""), (7, b'{"b":2}', "")])
-        objects = encode_batch(Batch(list(self.queue.pending), 0, "ID", "size"), validated=True,
+        objects = encode_batch(Batch(list(list(self.queue)), 0, "ID", "size"), validated=True,
                                prefix="raw", raw_prefix="raw_dlq", host_id="h")
         keys = {o.key: [json.loads(l)["body"] for l in gzip.decompress(o.data).splitlines()]
                 for o in objects}

@@ -8,7 +8,6 @@ import json
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -16,6 +15,7 @@ from twisted.trial import unittest
 from estat.collect import IngestState
 from estat.http.channel import IngestListener
 from estat.metrics import Metrics
+from estat.pipeline.queue import EventQueue
 from tests.test_web import Exchange, post_bytes
 
 
@@ -23,10 +23,10 @@ class ChannelTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = CollectorRegistry()
-        self.queue: DeferredQueue = DeferredQueue(size=100)
+        self.queue: EventQueue = EventQueue(100)
         self.state = IngestState(self.queue, Metrics(self.registry, process=False), 1024, True,
                                  now_ms=lambda: 1)
-        self.state.started = True
+        self.state.lifecycle.start_running()
         self.listener = IngestListener(self.state, reactor=self.clock, idle_timeout=30,
                                        request_timeout=10, max_header_bytes=512, max_headers=8)
 
@@ -35,7 +35,7 @@ class ChannelTests(unittest.TestCase):
         client.send(post_bytes(b'{"n":1}') + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
                     + post_bytes(b"[2]") + post_bytes(b'{"n":3}'))
         self.assertEqual([code for code, _, _ in client.responses()], [202, 404, 400, 202])
-        self.assertEqual([event.body for event in self.queue.pending], [b'{"n":1}', b'{"n":3}'])
+        self.assertEqual([event.body for event in list(self.queue)], [b'{"n":1}', b'{"n":3}'])
         self.assertFalse(client.transport.disconnecting)
 
     def test_every_answer_has_a_date_and_a_length(self):
@@ -62,7 +62,7 @@ class ChannelTests(unittest.TestCase):
         [(code, headers, _)] = client.responses()
         self.assertEqual((code, headers[b"connection"]), (202, b"close"))
         self.assertTrue(client.transport.disconnecting)
-        self.assertEqual(len(self.queue.pending), 1)
+        self.assertEqual(len(list(self.queue)), 1)
 
     def test_100_continue_is_sent_for_a_body_within_the_limit(self):
         client = Exchange(self.listener)

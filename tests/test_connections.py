@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from estat.collect import IngestState
 from estat.http.channel import IngestListener
 from estat.metrics import Metrics
+from estat.pipeline.queue import EventQueue
 from tests.support import poll_until
 
 
@@ -34,9 +35,9 @@ class CloseConnectionsTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         metrics = Metrics(CollectorRegistry(), process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=10)
+        self.queue: EventQueue = EventQueue(10)
         self.state = IngestState(self.queue, metrics, 1024, True)
-        self.state.started = True
+        self.state.lifecycle.start_running()
         self.site = IngestListener(self.state, reactor=self.clock)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
@@ -61,7 +62,7 @@ class CloseConnectionsTests(unittest.TestCase):
         yield poll_until(lambda: len(self.site.channels) == 2
                          and not all(c.idle() for c in self.site.channels), 10,
                          what="the busy request to arrive")
-        self.state.draining = True
+        self.state.lifecycle.start_draining()
         all_closed = self.site.close_connections(grace=5)
         yield idle.closed
         self.assertNoResult(all_closed)
@@ -70,7 +71,7 @@ class CloseConnectionsTests(unittest.TestCase):
         yield all_closed
         self.assertIn(b"503 Service Unavailable", busy.data)
         self.assertIn(b"shutting_down", busy.data)
-        self.assertEqual([event.body for event in self.queue.pending], [b'{"a":1}'])
+        self.assertEqual([event.body for event in list(self.queue)], [b'{"a":1}'])
 
     @inlineCallbacks
     def test_a_client_that_never_finishes_is_aborted_after_the_grace(self):
@@ -85,7 +86,7 @@ class CloseConnectionsTests(unittest.TestCase):
         self.clock.advance(0.2)
         yield all_closed
         yield slow.closed
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
 
 class ProxyProtocolTests(unittest.TestCase):
@@ -96,9 +97,9 @@ class ProxyProtocolTests(unittest.TestCase):
     def test_requests_after_a_proxy_header_are_served(self):
         from twisted.internet import endpoints
 
-        queue: DeferredQueue = DeferredQueue(size=10)
+        queue: EventQueue = EventQueue(10)
         state = IngestState(queue, Metrics(CollectorRegistry(), process=False), 1024, True)
-        state.started = True
+        state.lifecycle.start_running()
         listener = IngestListener(state)
         port = yield endpoints.serverFromString(
             reactor, "haproxy:tcp:0:interface=127.0.0.1").listen(listener)
@@ -113,5 +114,5 @@ class ProxyProtocolTests(unittest.TestCase):
                                + request % 1 + request % 2)
         yield poll_until(lambda: client.data.count(b"202 Accepted") == 2, 10,
                          what="two answers through the PROXY wrapper")
-        self.assertEqual([event.body for event in queue.pending], [b'{"a":1}', b'{"a":2}'])
+        self.assertEqual([event.body for event in list(queue)], [b'{"a":1}', b'{"a":2}'])
         self.assertEqual(len(listener.channels), 1)

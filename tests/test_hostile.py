@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import DeferredQueue, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -19,6 +19,7 @@ from estat.collect import IngestState
 from estat.http.channel import IngestListener
 from estat.metrics import Metrics
 from estat.model import Batch
+from estat.pipeline.queue import EventQueue
 from tests.support import poll_until
 from tests.test_connections import RawClient
 from tests.test_web import Exchange, post_bytes
@@ -26,9 +27,9 @@ from tests.test_web import Exchange, post_bytes
 
 def make_site(clock, **limits):
     registry = CollectorRegistry()
-    queue: DeferredQueue = DeferredQueue(size=100)
+    queue: EventQueue = EventQueue(100)
     state = IngestState(queue, Metrics(registry, process=False), 1024, True, now_ms=lambda: 1)
-    state.started = True
+    state.lifecycle.start_running()
     return IngestListener(state, reactor=clock, **limits), queue, registry
 
 
@@ -78,7 +79,7 @@ class LimitTests(unittest.TestCase):
         client.send(b"POST /" + b"c" * 1000 + b" HTTP/1.1\r\n")
         [(code, _, _)] = client.responses()
         self.assertEqual(code, 431)
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_malformed_requests_get_a_json_400(self):
         for raw in (b"POST /collect HTTP/1.1\r\nContent-Length: x\r\n\r\n",
@@ -130,7 +131,7 @@ class SlowlorisTests(unittest.TestCase):
             normal.transport.write(post_bytes(b'{"n":%d}' % i))
         yield poll_until(lambda: normal.data.count(b"202 Accepted") == 20, 5,
                          what="the normal client's 20 answers")
-        self.assertEqual(len(queue.pending), 20)
+        self.assertEqual(len(list(queue)), 20)
         self.assertTrue(all(client.data == b"" for client in slow))
 
 
@@ -160,8 +161,8 @@ class RequestPathProperties(unittest.TestCase):
         self.assertIn("status" if code == 202 else "error", json.loads(answer))
         self.assertEqual(self.flushLoggedErrors(), [])
         if code == 202:
-            self.assertTrue(queue.pending)
-            events = list(queue.pending)
+            self.assertTrue(list(queue))
+            events = list(queue)
             if ctype != b"application/x-ndjson":
                 self.assertEqual(events, [(1, body, "")])
             [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
@@ -172,7 +173,7 @@ class RequestPathProperties(unittest.TestCase):
             self.assertEqual([json.loads(l)["body"] for l in lines],
                              [json.loads(e.body) for e in events])
         else:
-            self.assertEqual(queue.pending, [])
+            self.assertEqual(list(queue), [])
 
 
 class ArbitraryBytesProperties(unittest.TestCase):

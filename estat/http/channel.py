@@ -218,7 +218,8 @@ class IngestChannel(Protocol):
             _log.failure("unexpected error handling {method} {path}",
                          method=request.method, path=request.path)
             answer = Answer(500, error_body("internal_error"))
-        close = answer.close or self.factory.closing or not self.parser.should_keep_alive()
+        close = (answer.close or self.state.lifecycle.stopping
+                 or not self.parser.should_keep_alive())
         headers = answer.headers
         if not close and b"connection" in request.headers:
             # An HTTP/1.0 client keeps the connection only if told it stays.
@@ -310,8 +311,6 @@ class IngestListener(Factory):
     reaps slow requests and idle connections, and closes them all for an
     orderly stop with `close_connections`."""
 
-    closing = False
-
     def __init__(self, state: IngestState, idle_timeout: float = 60.0,
                  reactor: Optional[Any] = None, request_timeout: float = 10.0,
                  max_connections: int = 1024, max_headers: int = 64,
@@ -366,8 +365,9 @@ class IngestListener(Factory):
     def close_connections(self, grace: float) -> "Deferred[None]":
         """Close idle connections now; let busy ones finish their request
         (each closes after its answer) and abort what is left after
-        `grace` seconds. Fires when every connection is gone."""
-        self.closing = True
+        `grace` seconds. Fires when every connection is gone. (The state's
+        lifecycle is draining by then, so each busy one closes after its
+        answer.)"""
         for channel in list(self.channels):
             channel.close_if_idle()
         if not self.channels:
