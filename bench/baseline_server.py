@@ -4,7 +4,7 @@ nothing else, served on the same reactor twistd uses.
 Run as a subprocess by bench/run.py: `python bench/baseline_server.py PORT
 [--stock | --httptools]`.
 
-- default: a bare twisted.web Resource, the issue's `baseline`. Like
+- default: a bare twisted.web Resource, the `baseline` scenario. Like
   estat-ingest it writes no access log and its Request does not parse form
   bodies.
 - `--stock`: the same Resource on Twisted's defaults. A stock Request parses

@@ -335,7 +335,7 @@ def _ms(stats: dict[str, int]) -> dict[str, float]:
 
 def probe(url: str, body: bytes, content_type: str) -> Optional[int]:
     """The status of one POST of `body` (None when nothing answers)."""
-    from procs import http_status
+    from tests.support import http_status
 
     return http_status(url, timeout=5, method="POST", body=body,
                        headers={"Content-Type": content_type})

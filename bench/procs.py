@@ -2,43 +2,19 @@
 registered so that `stop_all` ends every one of them (on error or Ctrl-C),
 plus the /proc readings the table reports (CPU seconds, peak RSS), for one
 process or for a process and its children (`--workers N`: the twistd
-parent and its worker processes)."""
+parent and its worker processes). Free ports and HTTP probes come from
+tests/support.py, which the end-to-end tests drive their servers with."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from typing import Optional
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _STARTED: list["Child"] = []
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_status(url: str, timeout: float = 2.0, method: str = "GET",
-                body: Optional[bytes] = None,
-                headers: Optional[dict[str, str]] = None) -> Optional[int]:
-    """The status code of one request, or None when nothing answers."""
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return None
 
 
 def pinned(cpus: Optional[str]) -> list[str]:

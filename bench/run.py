@@ -1,4 +1,5 @@
-"""Benchmark harness for estat-ingest (issue 6, section 1).
+"""Benchmark harness for estat-ingest: requests/s, CPU, memory and latency
+of estat against bare Twisted floors, on one machine in one run.
 
     .venv/bin/python bench/run.py            # every scenario, 10 s each
     .venv/bin/python bench/run.py --quick    # 3 s each, a smoke run
@@ -29,10 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-import loadgen
-import procs
-from servers import Baseline, Estat, parse_metrics
-from stores import Moto, count_files, count_local_events, list_local_objects
+# The repository root, for tests.support (free ports, HTTP probes).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import loadgen  # noqa: E402  (bench/, this script's directory)
+import procs  # noqa: E402
+from servers import Baseline, Estat, parse_metrics  # noqa: E402
+from stores import Moto, count_files, count_local_events, list_local_objects  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = ("baseline", "baseline-httptools", "single-local", "batch-local", "single-s3",

@@ -9,7 +9,9 @@ import sys
 import urllib.request
 from typing import Optional
 
-from procs import Child, free_port, http_status, pinned, wait_until
+from procs import Child, pinned, wait_until
+
+from tests.support import free_port, http_status
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)

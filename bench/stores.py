@@ -8,7 +8,9 @@ import os
 import sys
 from typing import Any
 
-from procs import Child, free_port, http_status, wait_until
+from procs import Child, wait_until
+
+from tests.support import free_port, http_status
 
 VENV_BIN = os.path.dirname(sys.executable)
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -87,9 +87,6 @@ class WriteKeys:
     def from_file(cls, path: str) -> "WriteKeys":
         return cls(path, read_tokens_file(path))
 
-    def __len__(self) -> int:
-        return len(self._writers)
-
     def reload(self) -> int:
         """Read the file again; on error keep the old keys and raise."""
         self._writers = read_tokens_file(self.path)

@@ -109,10 +109,6 @@ def _gzip_texts(texts: Iterable[bytes]) -> tuple[bytes, int]:
     return b"".join(parts), size
 
 
-def gzip_bytes(data: bytes) -> bytes:
-    return _gzip_texts([data])[0]
-
-
 def verify_gzip(data: bytes, uncompressed_bytes: int) -> None:
     """Raise ValueError unless `data` is one complete gzip member whose CRC
     and length trailer match and which inflates to `uncompressed_bytes`.
@@ -206,7 +202,8 @@ def encode_batch_safely(
     batch: Batch, *, validated: bool, prefix: str, raw_prefix: str, host_id: str
 ) -> list[EncodedObject]:
     """encode_batch, but should encoding fail unexpectedly, keep every body
-    in a raw object instead (the seed's "encoding error -> raw prefix")."""
+    in a raw object under `raw_prefix` instead (reason `encode_error`), so
+    that a bug in the encoder loses no event."""
     try:
         return encode_batch(batch, validated=validated, prefix=prefix,
                             raw_prefix=raw_prefix, host_id=host_id)

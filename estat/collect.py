@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import DeferredQueue
-
 from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, error_body
+from estat.lifecycle import Lifecycle
 from estat.metrics import REJECT_REASONS, Metrics
 from estat.model import Event, events_of
+from estat.pipeline.queue import EventQueue
 from estat.validate import body_error
 
 RETRY_AFTER_SECONDS = b"1"
@@ -26,20 +26,21 @@ ACCEPTED_BODY = b'{"status":"accepted"}\n'
 
 class IngestState:
     """What the request path needs to know about the server: the event
-    queue, whether it is draining, who may write from where, and the
-    counters of what it answers."""
+    queue, its lifecycle (starting, running, draining), who may write
+    from where, and the counters of what it answers."""
 
     def __init__(
         self,
-        queue: DeferredQueue,
+        queue: EventQueue,
         metrics: Metrics,
         validate_json: bool,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         write_keys: Optional[WriteKeys] = None,
         cors_origins: str = "",
+        lifecycle: Optional[Lifecycle] = None,
     ) -> None:
         self.queue = queue
-        self.queue_size = queue.size or 0
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
         self.metrics = metrics
         self.validate_json = validate_json
         self.write_keys = write_keys
@@ -47,20 +48,13 @@ class IngestState:
         self.cors_any = b"*" in origins
         self.cors_origins = frozenset(origins - {b"*"})
         self.now_ms = now_ms
-        self.started = False
-        self.draining = False
         self._codes: dict[int, Any] = {}
         self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
                           for reason in REJECT_REASONS}
 
-    def room(self) -> int:
-        """Events the queue can still take. Nothing ever waits on
-        `queue.get()` (the batcher drains `pending`), so enqueueing is an
-        append after this check."""
-        return self.queue_size - len(self.queue.pending)
-
     def ready(self) -> bool:
-        return self.started and not self.draining and self.room() > 0
+        """Running, with room in the queue for at least one more event."""
+        return self.lifecycle.running and self.queue.room() > 0
 
     def count_response(self, code: int) -> None:
         child = self._codes.get(code)
@@ -148,7 +142,7 @@ class Collect:
         if problem == "invalid_gzip":
             state.count_rejected("invalid_encoding")
             return Answer(400, error_body("invalid_gzip"))
-        if state.draining:
+        if state.lifecycle.stopping:
             return self._unavailable("shutting_down")
         if request.is_batch:
             return self._collect_batch(request, segment)
@@ -160,9 +154,8 @@ class Collect:
             if problem is not None and state.validate_json:
                 state.count_rejected("invalid_json")
                 return Answer(400, error_body("invalid_json", detail=problem))
-        if state.room() < 1:
+        if not state.queue.offer([Event(state.now_ms(), body, segment)]):
             return self._unavailable("queue_full")
-        state.queue.pending.append(Event(state.now_ms(), body, segment))
         self._accepted.inc()
         return ACCEPTED
 
@@ -190,9 +183,8 @@ class Collect:
         if len(events) > self.max_batch_events:
             state.count_rejected("too_large")
             return Answer(413, error_body("too_many_events", max_events=self.max_batch_events))
-        if len(events) > state.room():
+        if not state.queue.offer(events_of(state.now_ms(), events, segment)):
             return self._unavailable("queue_full")
-        state.queue.pending.extend(events_of(state.now_ms(), events, segment))
         self._accepted.inc(len(events))
         return Answer(202, b'{"status":"accepted","events":%d}\n' % len(events))
 
@@ -229,12 +221,7 @@ def readiness(state: IngestState) -> Answer:
     for shutdown, or with a full event queue."""
     if state.ready():
         return _READY
-    if not state.started:
-        status = "starting"
-    elif state.draining:
-        status = "draining"
-    else:
-        status = "queue_full"
+    status = "queue_full" if state.lifecycle.running else state.lifecycle.phase.value
     return Answer(503, error_body("not_ready", status=status), (_RETRY_AFTER,))
 
 

@@ -1,12 +1,15 @@
 """Settings: one table of every option, parsed from the command line or the
-environment into a frozen `Settings`, with readable errors for bad values."""
+environment into a frozen `Settings`, with readable errors for bad values.
+
+The table is the only place a default is written: as text, parsed like
+user input, for `Settings`, the twistd help and the documentation alike."""
 
 from __future__ import annotations
 
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -111,6 +114,14 @@ def parse_text(text: str) -> str:
     return text.strip()
 
 
+def parse_endpoints(items: Sequence[str]) -> tuple[str, ...]:
+    """Endpoint descriptions, blanks dropped; at least one."""
+    endpoints = tuple(item.strip() for item in items if item.strip())
+    if not endpoints:
+        raise ValueError("must name at least one endpoint, such as tcp:8080")
+    return endpoints
+
+
 def parse_path(text: str) -> str:
     value = text.strip()
     if not value:
@@ -127,19 +138,38 @@ def default_host_id() -> str:
 @dataclass(frozen=True)
 class Option:
     """One setting: its command-line name, environment variable, parser,
-    default (as text, parsed like user input) and help text."""
+    default (as text, parsed like user input) and help text.
+
+    A `repeatable` option may be given several times on the command line
+    and is comma-separated in the environment and the default; its parser
+    takes the list of items. An option with `computed` has an empty default
+    text and works its default out when the settings are made."""
 
     name: str
     env: str
-    parse: Callable[[str], Any]
+    parse: Callable[..., Any]
     default: str
     help: str
+    repeatable: bool = False
+    computed: Optional[Callable[[], Any]] = None
+
+    @property
+    def attribute(self) -> str:
+        """The name of the Settings field."""
+        return self.name.replace("-", "_")
+
+    def parse_text(self, text: str) -> Any:
+        """`text` (from the environment or the default) parsed."""
+        return self.parse(text.split(",")) if self.repeatable else self.parse(text)
+
+    def default_value(self) -> Any:
+        return self.computed() if self.computed is not None else self.parse_text(self.default)
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("listen", "LISTEN", parse_text, "tcp:8080",
+    Option("listen", "LISTEN", parse_endpoints, "tcp:8080",
            "Twisted endpoint for the ingest listener; repeatable, and "
-           "comma-separated in the environment"),
+           "comma-separated in the environment", repeatable=True),
     Option("admin-listen", "ADMIN_LISTEN", parse_text,
            "tcp:9100:interface=127.0.0.1",
            "Twisted endpoint for /metrics, /healthz and /readyz"),
@@ -177,7 +207,8 @@ OPTIONS: tuple[Option, ...] = (
            "key prefix of objects holding bodies that are not valid JSON "
            "(only with VALIDATE_JSON=false)"),
     Option("host-id", "HOST_ID", parse_host_id, "",
-           "this server's name in object keys (default: the host name)"),
+           "this server's name in object keys (default: the host name)",
+           computed=default_host_id),
     Option("s3-bucket", "S3_BUCKET", parse_text, "",
            "upload to this S3 bucket instead of the local directory"),
     Option("s3-addressing", "S3_ADDRESSING", parse_choice("auto", "path",
@@ -223,72 +254,79 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def option_named(name: str) -> Option:
+    return _BY_NAME[name]
+
+
+def _default(name: str) -> Any:
+    """The Settings field of option `name`, with the option's default."""
+    return field(default_factory=_BY_NAME[name].default_value)
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of one server, validated."""
+    """Every setting of one server, validated; by default what OPTIONS says."""
 
-    listen: tuple[str, ...] = ("tcp:8080",)
-    admin_listen: str = "tcp:9100:interface=127.0.0.1"
-    max_body_size: int = 16384
-    max_batch_body_size: int = 1024 * 1024
-    max_batch_events: int = 1000
-    validate_json: bool = True
-    event_queue_size: int = 10000
-    batch_size: int = 10000
-    batch_max_bytes: int = 8 * 1024 * 1024
-    flush_interval: float = 5.0
-    upload_queue_size: int = 4
-    upload_concurrency: int = 2
-    encode_threads: int = 2
-    output_dir: str = "./estat-data/objects"
-    prefix: str = "raw"
-    raw_prefix: str = "raw_dlq"
-    host_id: str = field(default_factory=default_host_id)
-    s3_bucket: str = ""
-    s3_addressing: str = "auto"
-    s3_app_retries: int = 2
-    s3_timeout: float = 30.0
-    s3_content_encoding: bool = False
-    dlq_dir: str = "./estat-data/dlq"
-    dlq_max_bytes: int = 1024**3
-    dlq_drain_interval: float = 1.0
-    auth_tokens_file: str = ""
-    cors_allowed_origins: str = ""
-    request_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    max_connections: int = 1024
-    max_headers: int = 64
-    max_header_bytes: int = 16 * 1024
-    workers: int = 1
-    shutdown_timeout: float = 30.0
-
-
-def attribute(option: Option) -> str:
-    return option.name.replace("-", "_")
+    listen: tuple[str, ...] = _default("listen")
+    admin_listen: str = _default("admin-listen")
+    max_body_size: int = _default("max-body-size")
+    max_batch_body_size: int = _default("max-batch-body-size")
+    max_batch_events: int = _default("max-batch-events")
+    validate_json: bool = _default("validate-json")
+    event_queue_size: int = _default("event-queue-size")
+    batch_size: int = _default("batch-size")
+    batch_max_bytes: int = _default("batch-max-bytes")
+    flush_interval: float = _default("flush-interval")
+    upload_queue_size: int = _default("upload-queue-size")
+    upload_concurrency: int = _default("upload-concurrency")
+    encode_threads: int = _default("encode-threads")
+    output_dir: str = _default("output-dir")
+    prefix: str = _default("prefix")
+    raw_prefix: str = _default("raw-prefix")
+    host_id: str = _default("host-id")
+    s3_bucket: str = _default("s3-bucket")
+    s3_addressing: str = _default("s3-addressing")
+    s3_app_retries: int = _default("s3-app-retries")
+    s3_timeout: float = _default("s3-timeout")
+    s3_content_encoding: bool = _default("s3-content-encoding")
+    dlq_dir: str = _default("dlq-dir")
+    dlq_max_bytes: int = _default("dlq-max-bytes")
+    dlq_drain_interval: float = _default("dlq-drain-interval")
+    auth_tokens_file: str = _default("auth-tokens-file")
+    cors_allowed_origins: str = _default("cors-allowed-origins")
+    request_timeout: float = _default("request-timeout")
+    idle_timeout: float = _default("idle-timeout")
+    max_connections: int = _default("max-connections")
+    max_headers: int = _default("max-headers")
+    max_header_bytes: int = _default("max-header-bytes")
+    workers: int = _default("workers")
+    shutdown_timeout: float = _default("shutdown-timeout")
 
 
 def load_settings(
     given: Mapping[str, Any], environ: Mapping[str, str]
 ) -> Settings:
     """Build Settings from command-line values (`given`, text or None per
-    option name; `listen` a list), falling back to the environment, then the
-    defaults. Raises ConfigError naming the first bad value."""
+    option name; a list for a repeatable option), falling back to the
+    environment, then the defaults. Raises ConfigError naming the first
+    bad value."""
     values: dict[str, Any] = {}
     for option in OPTIONS:
         raw = given.get(option.name)
-        source = "--" + option.name
-        if option.name == "listen":
-            values["listen"] = _parse_listen(raw, environ)
+        if option.repeatable:
+            values[option.attribute] = _parse_repeated(option, raw, environ)
             continue
+        source = "--" + option.name
         if raw is None and environ.get(option.env, "").strip():
             raw, source = environ[option.env], option.env
         if raw is None:
-            if option.name == "host-id":
-                values["host_id"] = default_host_id()
-                continue
-            raw = option.default
+            values[option.attribute] = option.default_value()
+            continue
         try:
-            values[attribute(option)] = option.parse(raw)
+            values[option.attribute] = option.parse(raw)
         except ValueError as error:
             raise ConfigError(f"{source}={raw!r} is not valid: {error}.") from None
     if values["prefix"] == values["raw_prefix"]:
@@ -297,17 +335,14 @@ def load_settings(
     return Settings(**values)
 
 
-def _parse_listen(raw: Any, environ: Mapping[str, str]) -> tuple[str, ...]:
-    if raw:
-        items = list(raw)
-    elif environ.get("LISTEN", "").strip():
-        items = [part for part in environ["LISTEN"].split(",")]
-    else:
-        items = ["tcp:8080"]
-    items = [item.strip() for item in items if item.strip()]
-    if not items:
-        raise ConfigError("LISTEN must name at least one endpoint, such as "
-                          "tcp:8080.")
-    return tuple(items)
-
-
+def _parse_repeated(option: Option, given: Optional[Sequence[str]],
+                    environ: Mapping[str, str]) -> Any:
+    """The command line's items if any, else the environment's, else the
+    default's (both comma-separated)."""
+    text = environ.get(option.env, "")
+    try:
+        if given:
+            return option.parse(given)
+        return option.parse_text(text if text.strip() else option.default)
+    except ValueError as error:
+        raise ConfigError(f"{option.env} {error}.") from None

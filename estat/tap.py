@@ -10,12 +10,15 @@ from typing import Any, Mapping
 from twisted.application.service import IService
 from twisted.python import usage
 
-from estat.config import OPTIONS, ConfigError, Settings, load_settings
+from estat.config import OPTIONS, ConfigError, Settings, load_settings, option_named
 
 
 def _describe(help_text: str, env: str, default: str) -> str:
     shown = default if default else "(empty)"
     return f"{help_text} [env {env}, default {shown}]"
+
+
+_LISTEN = option_named("listen")
 
 
 def check_directory(label: str, path: str) -> None:
@@ -78,18 +81,21 @@ class Options(usage.Options):
     )
     optParameters = [
         [o.name, None, None, _describe(o.help, o.env, o.default)]
-        for o in OPTIONS if o.name != "listen"
+        for o in OPTIONS if not o.repeatable
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        self["listen"] = []
+        for option in OPTIONS:
+            if option.repeatable:
+                self[option.name] = []
         self.environ = os.environ if environ is None else environ
         self.settings: Settings | None = None
 
     def opt_listen(self, description: str) -> None:
-        """Twisted endpoint for the ingest listener, repeatable [env LISTEN (comma-separated), default tcp:8080]"""
         self["listen"].append(description)
+
+    opt_listen.__doc__ = _describe(_LISTEN.help, _LISTEN.env, _LISTEN.default)
 
     def postOptions(self) -> None:
         try:
@@ -109,6 +115,6 @@ def makeService(options: Options) -> IService:
         from estat.workers.supervisor import WorkerSupervisor
 
         return WorkerSupervisor(options.settings, reactor_)
-    from estat.service import IngestService
+    from estat.service import IngestService, build
 
-    return IngestService(options.settings, reactor_, own_signals=True)
+    return IngestService(build(options.settings, reactor_), own_signals=True)

@@ -1,40 +1,54 @@
-"""In-memory stand-ins for unit tests: a store whose puts the test controls,
-a spool that records, and a synchronous encoder."""
+"""In-memory stand-ins and builders shared by the unit tests: the one fake
+store, a spool that records, a synchronous encoder, the one object maker
+and the one log capture."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
 
 from estat.codec import encode_batch
-from estat.model import Batch, EncodedObject
+from estat.model import Batch, EncodedObject, Event
 from estat.stores.base import StoreError
+
+TS_MS = 1_700_000_000_123  # 2023-11-14 22:13:20 UTC
+HOST_ID = "host-1"
 
 
 class FakeStore:
-    """Records puts. With `manual=True` each put waits until the test fires
-    it; otherwise it succeeds (or fails with `error`) at once."""
+    """Records every put as (time on `clock`, key). With `error` set every
+    put fails with it; else with `manual` each put waits in `pending` until
+    the test fires it (stored once it succeeds); else it is stored at once
+    in `stored`."""
 
     name = "fake"
 
-    def __init__(self, manual: bool = False, error: Optional[StoreError] = None) -> None:
+    def __init__(self, manual: bool = False, error: Optional[StoreError] = None,
+                 clock: Optional[IReactorTime] = None) -> None:
         self.manual = manual
         self.error = error
+        self.clock = clock
         self.stored: dict[str, EncodedObject] = {}
         self.pending: list[tuple[EncodedObject, Deferred]] = []
-        self.calls = 0
+        self.puts: list[tuple[float, str]] = []
+        self.closed = False
+
+    @property
+    def calls(self) -> int:
+        return len(self.puts)
 
     def put(self, obj: EncodedObject) -> "Deferred[None]":
-        self.calls += 1
+        self.puts.append((self.clock.seconds() if self.clock else 0.0, obj.key))
+        if self.error is not None:
+            return fail(self.error)
         if self.manual:
             d: Deferred[None] = Deferred()
             d.addCallback(lambda _: self.stored.__setitem__(obj.key, obj))
             self.pending.append((obj, d))
-            return d
-        if self.error is not None:
-            d = Deferred()
-            d.errback(self.error)
             return d
         self.stored[obj.key] = obj
         return succeed(None)
@@ -43,6 +57,13 @@ class FakeStore:
         pending, self.pending = self.pending, []
         for _, d in pending:
             d.callback(None)
+
+    def describe(self) -> str:
+        return "fake store in memory"
+
+    def close(self) -> "Deferred[None]":
+        self.closed = True
+        return succeed(None)
 
 
 class RecordingSpool:
@@ -61,3 +82,27 @@ def sync_encoder(validated: bool = True):  # type: ignore[no-untyped-def]
         return succeed(encode_batch(batch, validated=validated, prefix="raw",
                                     raw_prefix="raw_dlq", host_id="h"))
     return encode
+
+
+def make_object(n: int = 0, events: int = 3) -> EncodedObject:
+    """The `n`-th object of a test: a real encoded one (its gzip verifies)
+    of `events` JSON events received from TS_MS + n seconds on, in batch
+    01HF<n, 22 digits> (so keys are unique and sort by `n`), host HOST_ID."""
+    bodies = [Event(TS_MS + n * 1000 + i, b'{"n":%d,"i":%d}' % (n, i)) for i in range(events)]
+    batch = Batch(bodies, sum(len(e.body) for e in bodies), f"01HF{n:022d}", "size")
+    [obj] = encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
+                         host_id=HOST_ID)
+    return obj
+
+
+def capture_logs(test: unittest.TestCase) -> list[dict[str, Any]]:
+    """Every log event emitted until the end of `test`."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+def logged(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """The captured events whose format contains `text`."""
+    return [e for e in events if text in e.get("log_format", "")]

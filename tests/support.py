@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor as global_reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -34,6 +34,7 @@ from estat.collect import IngestState, Routes
 from estat.http.channel import IngestListener
 from estat.http.limits import Limits
 from estat.metrics import Metrics
+from estat.pipeline.queue import EventQueue
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -65,15 +66,36 @@ def poll_until(predicate: Callable[[], Any], timeout: float = 20.0,
         yield deferLater(global_reactor, interval, lambda: None)
 
 
-def http_status(url: str, timeout: float = 2.0) -> Optional[int]:
-    """The status code of a GET, or None when nothing answers."""
+def http_status(url: str, timeout: float = 2.0, method: str = "GET",
+                body: Optional[bytes] = None,
+                headers: Optional[dict[str, str]] = None) -> Optional[int]:
+    """The status code of one request, or None when nothing answers (also
+    used by bench/, which probes its servers the same way)."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
     except OSError:
         return None
+
+
+def site_get(site: Any, path: bytes, method: bytes = b"GET"
+             ) -> tuple[int, dict[bytes, bytes], bytes]:
+    """(status, headers, body) of one HTTP/1.0 request to a twisted.web
+    `site` in memory (headers by lower-case name)."""
+    from twisted.internet.testing import StringTransport
+
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"%s %s HTTP/1.0\r\nHost: x\r\n\r\n" % (method, path))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines)
+    return int(status.split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
 def read_objects(root: str) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -269,7 +291,7 @@ class Listening:
     """An ingest listener and what its tests look at."""
 
     listener: IngestListener
-    queue: DeferredQueue
+    queue: EventQueue
     state: IngestState
     registry: CollectorRegistry
     clock: Clock
@@ -283,25 +305,25 @@ class Listening:
 def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 1,
                   max_batch_events: int = 1000, write_keys: Optional[WriteKeys] = None,
                   cors_origins: str = "", clock: Optional[Clock] = None,
-                  queue: Optional[DeferredQueue] = None, metrics: Optional[Metrics] = None,
+                  queue: Optional[EventQueue] = None, metrics: Optional[Metrics] = None,
                   **changed_limits: Any) -> Listening:
     """The ingest listener as the server wires it (its handler, state and
     counters), with `TEST_LIMITS` changed by `changed_limits`, started as a port
-    starts it: its reaper runs on `clock`. The state is started (ready);
+    starts it: its reaper runs on `clock`. Its lifecycle is running (ready);
     `queue` and `metrics` are made unless given."""
     clock = clock if clock is not None else Clock()
     if metrics is None:
         metrics = Metrics(CollectorRegistry(), process=False)
     if queue is None:
-        queue = DeferredQueue(size=queue_size)
+        queue = EventQueue(queue_size)
     state = IngestState(queue, metrics, True, now_ms=now_ms, write_keys=write_keys,
                         cors_origins=cors_origins)
-    state.started = True
+    state.lifecycle.start_running()
     limits = replace(TEST_LIMITS, **changed_limits)
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=limits.max_body_size,
                        max_batch_events=max_batch_events),
-        limits=limits, counters=state, reactor=clock)
+        limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock)
     listener.doStart()
     return Listening(listener, queue, state, metrics.registry, clock)
 

@@ -235,7 +235,7 @@ class MetricNamesTests(TestCase):
         self.assertEqual(len(unknown_metrics(queries, self.exported)), 2)
         self.assertEqual(len(bad_matchers(queries, self.labels)), 2)
 
-    def test_the_alerts_cover_what_the_issue_asks(self) -> None:
+    def test_the_alerts_watch_the_dlq_the_stores_the_queue_and_the_loops(self) -> None:
         queries = " ".join(rule["expr"] for rule in alert_rules())
         for name in ("estat_dlq_entries", "estat_dlq_oldest_entry_age_seconds",
                      "estat_dlq_dropped_events_total", "estat_s3_put_attempts_total",

@@ -89,7 +89,7 @@ class AuthenticatedCollectTests(ListenerTestCase):
         self.assertIn(b"Bearer", headers[b"www-authenticate"])
         code, _, body = self.one(post_bytes(b'{"a":1}', extra=b"X-Write-Key: wrong-wrong-wrong\r\n"))
         self.assertEqual((code, json.loads(body)["detail"]), (401, "invalid_key"))
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
         for reason in ("auth_missing", "auth_invalid"):
             self.assertEqual(self.metric("estat_events_rejected_total", reason=reason), 1)
 
@@ -100,9 +100,9 @@ class AuthenticatedCollectTests(ListenerTestCase):
         code, _, _ = self.one(post_bytes(b'{"b":1}\n{"b":2}\n', b"application/x-ndjson",
                                          extra=b"X-Write-Key: %s\r\n" % KEY_B.encode()))
         self.assertEqual(code, 202)
-        self.assertEqual(self.queue.pending,
+        self.assertEqual(list(self.queue),
                          [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}', ""), (7, b'{"b":2}', "")])
-        objects = encode_batch(Batch(list(self.queue.pending), 0, "ID", "size"), validated=True,
+        objects = encode_batch(Batch(list(self.queue), 0, "ID", "size"), validated=True,
                                prefix="raw", raw_prefix="raw_dlq", host_id="h")
         keys = {o.key: [json.loads(l)["body"] for l in gzip.decompress(o.data).splitlines()]
                 for o in objects}

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from estat.http.channel import IngestListener
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, raw_error, response
+from estat.lifecycle import Lifecycle
 from tests.support import TEST_LIMITS, Exchange, ListenerTestCase, post_bytes
 
 
@@ -27,7 +28,7 @@ class ChannelTests(ListenerTestCase):
         client.send(post_bytes(b'{"n":1}') + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
                     + post_bytes(b"[2]") + post_bytes(b'{"n":3}'))
         self.assertEqual([code for code, _, _ in client.responses()], [202, 404, 400, 202])
-        self.assertEqual([event.body for event in self.queue.pending], [b'{"n":1}', b'{"n":3}'])
+        self.assertEqual([event.body for event in list(self.queue)], [b'{"n":1}', b'{"n":3}'])
         self.assertFalse(client.transport.disconnecting)
 
     def test_every_answer_has_a_date_and_a_length(self):
@@ -54,7 +55,7 @@ class ChannelTests(ListenerTestCase):
         [(code, headers, _)] = client.responses()
         self.assertEqual((code, headers[b"connection"]), (202, b"close"))
         self.assertTrue(client.transport.disconnecting)
-        self.assertEqual(len(self.queue.pending), 1)
+        self.assertEqual(len(list(self.queue)), 1)
 
     def test_100_continue_is_sent_for_a_body_within_the_limit(self):
         client = Exchange(self.listener)
@@ -188,8 +189,9 @@ class ListenerTests(unittest.TestCase):
             return Answer(201, b'{"made":true}\n', ((b"x-handler", b"yes"),))
 
         limits = replace(TEST_LIMITS, max_body_size=8, request_timeout=4)
+        self.lifecycle = Lifecycle()
         self.listener = IngestListener(handler=handler, limits=limits, counters=self.counts,
-                                       reactor=self.clock)
+                                       lifecycle=self.lifecycle, reactor=self.clock)
 
     def test_answers_with_the_injected_handler_and_counts(self):
         self.listener.doStart()

@@ -38,7 +38,7 @@ class CloseConnectionsTests(ListenerTestCase):
         yield poll_until(lambda: len(self.listener.channels) == 2
                          and not all(c.idle() for c in self.listener.channels), 10,
                          what="the busy request to arrive")
-        self.state.draining = True
+        self.state.lifecycle.start_draining()
         all_closed = self.listener.close_connections(grace=5)
         yield idle.closed
         self.assertNoResult(all_closed)
@@ -47,7 +47,7 @@ class CloseConnectionsTests(ListenerTestCase):
         yield all_closed
         self.assertIn(b"503 Service Unavailable", busy.data)
         self.assertIn(b"shutting_down", busy.data)
-        self.assertEqual([event.body for event in self.queue.pending], [b'{"a":1}'])
+        self.assertEqual([event.body for event in list(self.queue)], [b'{"a":1}'])
 
     @inlineCallbacks
     def test_a_client_that_never_finishes_is_aborted_after_the_grace(self):
@@ -62,7 +62,7 @@ class CloseConnectionsTests(ListenerTestCase):
         self.clock.advance(0.2)
         yield all_closed
         yield slow.closed
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
 
 class ProxyProtocolTests(unittest.TestCase):
@@ -88,5 +88,5 @@ class ProxyProtocolTests(unittest.TestCase):
                                + request % 1 + request % 2)
         yield poll_until(lambda: client.data.count(b"202 Accepted") == 2, 10,
                          what="two answers through the PROXY wrapper")
-        self.assertEqual([event.body for event in queue.pending], [b'{"a":1}', b'{"a":2}'])
+        self.assertEqual([event.body for event in list(queue)], [b'{"a":1}', b'{"a":2}'])
         self.assertEqual(len(listener.channels), 1)

@@ -14,9 +14,8 @@ from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import fail, inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
@@ -26,9 +25,11 @@ from estat.codec import encode_batch
 from estat.dlq import disk as dlqdisk
 from estat.dlq.spool import DeadLetterQueue
 from estat.metrics import Metrics
-from estat.model import Batch, EncodedObject, Event
-from estat.stores.base import PermanentStoreError, RetryableStoreError, StoreError
+from estat.model import Batch, Event
+from estat.stores.base import PermanentStoreError, RetryableStoreError
+from estat.stores import fsutil
 from estat.stores.local import LocalStore
+from tests.fakes import FakeStore, capture_logs, logged, make_object
 from tests.support import REPO_ROOT, make_workdir, poll_until, read_objects
 
 RETRYABLE = RetryableStoreError("connection", "ConnectionRefused", "connection refused")
@@ -74,49 +75,10 @@ class InlinePool:
             self._run(*item)
 
 
-class FakeStore:
-    """An in-memory store: `failing` makes every put fail with that error,
-    `holding` leaves puts pending in `pending`."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-        self.puts: list[tuple[float, str]] = []
-        self.failing: Optional[StoreError] = None
-        self.holding = False
-        self.pending: list[tuple[EncodedObject, Deferred]] = []
-        self.clock: Optional[Clock] = None
-
-    def put(self, obj: EncodedObject) -> "Deferred[None]":
-        self.puts.append((self.clock.seconds() if self.clock else 0.0, obj.key))
-        if self.failing is not None:
-            return fail(self.failing)
-        if self.holding:
-            d: Deferred[None] = Deferred()
-            self.pending.append((obj, d))
-            return d
-        self.objects[obj.key] = obj.data
-        return succeed(None)
-
-
-def make_object(n: int, events: int = 3) -> EncodedObject:
-    """A real encoded object (so its gzip verifies) with a unique key."""
-    batch = Batch([Event(1_700_000_000_000 + n * 1000 + i, b'{"n":%d,"i":%d}' % (n, i))
-                   for i in range(events)], 0, f"BATCH{n:04d}", "size")
-    return encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
-                        host_id="test")[0]
-
-
-def capture_logs(test: unittest.TestCase) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
-
-
-def logged(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    return [e for e in events if text in e.get("log_format", "")]
+def on_disk_bytes(root: str, name: str) -> int:
+    """What an entry's two files take on disk."""
+    path = os.path.join(root, name)
+    return sum(os.path.getsize(os.path.join(path, f)) for f in (dlqdisk.DATA, dlqdisk.META))
 
 
 class Harness:
@@ -131,8 +93,7 @@ class Harness:
         self.metrics = Metrics(self.registry, process=False)
         self.dlq = DeadLetterQueue(directory, max_bytes, self.clock, self.pool,
                                    self.metrics, drain_interval=interval)
-        self.store = FakeStore()
-        self.store.clock = self.clock
+        self.store = FakeStore(clock=self.clock)
         self.idle = True
 
     def value(self, name: str, **labels: str) -> float:
@@ -175,7 +136,7 @@ class Spooling(unittest.TestCase):
                                   "uncompressed_bytes", "compressed_bytes", "first_ts_ms",
                                   "last_ts_ms", "created_at_ms", "attempts",
                                   "server_version")},
-            {"key": obj.key, "batch_id": "BATCH0001", "kind": "events", "event_count": 5,
+            {"key": obj.key, "batch_id": obj.batch_id, "kind": "events", "event_count": 5,
              "uncompressed_bytes": obj.uncompressed_bytes, "compressed_bytes": len(obj.data),
              "first_ts_ms": obj.first_ts_ms, "last_ts_ms": obj.last_ts_ms,
              "created_at_ms": 1_700_000_100_000, "attempts": 1,
@@ -186,7 +147,7 @@ class Spooling(unittest.TestCase):
             ("connection", "ConnectionRefused", "connection refused"))
         self.assertEqual(self.h.value("estat_dlq_events_enqueued_total"), 5)
         self.assertEqual(self.h.value("estat_dlq_entries"), 1)
-        self.assertEqual(self.h.value("estat_dlq_bytes"), dlqdisk.entry_bytes(self.dir, name))
+        self.assertEqual(self.h.value("estat_dlq_bytes"), on_disk_bytes(self.dir, name))
         self.h.clock.advance(42)
         self.assertEqual(self.h.value("estat_dlq_oldest_entry_age_seconds"), 42)
 
@@ -229,7 +190,7 @@ class Spooling(unittest.TestCase):
                 handle.write(data[:3])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(dlqdisk, "_write_file", disk_full)
+        self.patch(fsutil, "write_file", disk_full)
         d = self.h.dlq.save(make_object(1, events=6), RETRYABLE)
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(len(calls), 1)
@@ -255,7 +216,8 @@ CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     from estat.dlq import disk as dlqdisk
     from estat.stores.base import StoreError
-    from tests.test_deadletter import make_object
+    from estat.stores import fsutil
+    from tests.fakes import make_object
     point, root = sys.argv[1], sys.argv[2]
     counts = {}
     def crash_on(name, nth, real):
@@ -270,13 +232,13 @@ CRASH_SCRIPT = textwrap.dedent("""
             handle.write(data[: len(data) // 2])
         os._exit(3)
     if point == "data":
-        dlqdisk._write_file = half_write
+        fsutil.write_file = half_write
     elif point == "meta":
-        dlqdisk._write_file = crash_on("write", 2, dlqdisk._write_file)
+        fsutil.write_file = crash_on("write", 2, fsutil.write_file)
     elif point == "rename":
         dlqdisk.os.rename = crash_on("rename", 1, os.rename)
     elif point == "root_fsync":
-        dlqdisk.fsync_directory = crash_on("fsync", 2, dlqdisk.fsync_directory)
+        fsutil.fsync_directory = crash_on("fsync", 2, fsutil.fsync_directory)
     obj = make_object(1)
     meta = dlqdisk.make_meta(obj, StoreError("r", "C", "m"), 1, "t")
     dlqdisk.write_entry(root, "0000000000001-events-BATCH0001-aaaaaa", obj.data,
@@ -319,7 +281,7 @@ class CrashSafety(unittest.TestCase):
         self.assertEqual(h.value("estat_dlq_quarantined_entries_total"), 0)
         h.drain()
         h.clock.advance(1)
-        self.assertEqual(list(h.store.objects.values()), [make_object(1).data])
+        self.assertEqual(list(h.store.stored.values()), [make_object(1)])
 
     def test_leftovers_of_updates_and_deletes_are_removed(self) -> None:
         root = os.path.join(make_workdir(self), "dlq")
@@ -421,7 +383,7 @@ class Draining(unittest.TestCase):
             self.h.clock.advance(1)
             self.assertEqual(self.keys_put(), [o.key for o in self.objects[:count]])
             self.assertEqual(self.h.value("estat_dlq_entries"), 3 - count)
-        self.assertEqual(self.h.store.objects, {o.key: o.data for o in self.objects})
+        self.assertEqual(self.h.store.stored, {o.key: o for o in self.objects})
         self.assertEqual(self.h.entries(), [])
         self.assertEqual(self.h.value("estat_dlq_events_reuploaded_total"), 1 + 2 + 3)
         self.assertEqual(self.h.value("estat_dlq_bytes"), 0)
@@ -439,7 +401,7 @@ class Draining(unittest.TestCase):
         self.assertEqual(self.keys_put(), [self.objects[0].key])
 
     def test_only_one_reupload_in_flight(self) -> None:
-        self.h.store.holding = True
+        self.h.store.manual = True
         self.h.drain()
         self.h.clock.pump([1] * 10)
         self.assertEqual(len(self.h.store.pending), 1)
@@ -451,7 +413,7 @@ class Draining(unittest.TestCase):
 
     def test_failure_updates_attempts_and_last_error(self) -> None:
         first = self.h.entries()[0]
-        self.h.store.failing = RETRYABLE
+        self.h.store.error = RETRYABLE
         self.h.drain()
         self.h.clock.advance(1)
         self.h.clock.advance(1)
@@ -462,12 +424,12 @@ class Draining(unittest.TestCase):
         self.assertEqual(self.keys_put(), [self.objects[0].key] * 2)
         self.assertEqual(len(self.h.entries()), 3)
         self.assertEqual(self.h.value("estat_dlq_events_reuploaded_total"), 0)
-        self.h.store.failing = None
+        self.h.store.error = None
         self.h.clock.advance(1)
-        self.assertEqual(self.h.store.objects, {self.objects[0].key: self.objects[0].data})
+        self.assertEqual(self.h.store.stored, {self.objects[0].key: self.objects[0]})
 
     def test_backoff_after_permanent_errors(self) -> None:
-        self.h.store.failing = PERMANENT
+        self.h.store.error = PERMANENT
         self.h.drain()
         start = self.h.clock.seconds()
         self.h.clock.pump([1] * 1500)
@@ -478,12 +440,12 @@ class Draining(unittest.TestCase):
         self.assertEqual(self.h.meta(self.h.entries()[0])["last_error"]["code"],
                          "NoSuchBucket")
         # once the bucket exists again the drain resumes at its next try
-        self.h.store.failing = None
+        self.h.store.error = None
         self.h.clock.pump([1] * 300)
         self.assertEqual(self.h.entries(), [])
 
     def test_stop_cancels_the_reupload_in_flight_and_waits(self) -> None:
-        self.h.store.holding = True
+        self.h.store.manual = True
         self.h.drain()
         self.h.clock.advance(1)
         [(_, put)] = self.h.store.pending
@@ -544,7 +506,7 @@ class Draining(unittest.TestCase):
         self.h.clock.advance(1)
         self.assertEqual(self.keys_put(), [raw.key])
         self.assertTrue(raw.key.startswith("raw_dlq/"))
-        self.assertEqual(self.h.store.objects[raw.key], raw.data)
+        self.assertEqual(self.h.store.stored[raw.key], raw)
 
     def test_unexpected_store_exception_counts_as_a_failed_attempt(self) -> None:
         self.h.store.put = lambda obj: fail(ValueError("surprise"))  # type: ignore
@@ -564,7 +526,7 @@ class Restart(unittest.TestCase):
             first.clock.advance(1)
             first.dlq.save(obj, RETRYABLE)
         first.drain()
-        first.store.failing = RETRYABLE
+        first.store.error = RETRYABLE
         first.clock.advance(1)
         self.successResultOf(first.dlq.stop_draining())
 
@@ -574,7 +536,7 @@ class Restart(unittest.TestCase):
         second.drain()
         second.clock.pump([1] * 3)
         self.successResultOf(second.dlq.stop_draining())
-        self.assertEqual(second.store.objects, {o.key: o.data for o in objects})
+        self.assertEqual(second.store.stored, {o.key: o for o in objects})
         self.assertEqual(second.value("estat_dlq_events_reuploaded_total"), 6)
         self.assertEqual(os.listdir(root), [])
 

@@ -13,8 +13,11 @@ from typing import Optional
 from twisted.trial import unittest
 
 from estat.dlq import disk as dlqdisk
+from estat.stores.base import RetryableStoreError
+from tests.fakes import make_object
 from tests.support import REPO_ROOT, make_workdir, read_objects
-from tests.test_deadletter import RETRYABLE, make_object
+
+RETRYABLE = RetryableStoreError("connection", "ConnectionRefused", "connection refused")
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "estat-dlq")
 

@@ -15,7 +15,6 @@ from estat.codec import (
     encode_batch,
     encode_batch_safely,
     event_line,
-    gzip_bytes,
     verify_gzip,
 )
 from estat.model import Batch, Event, new_batch_id, object_key
@@ -101,7 +100,7 @@ class EncodeTests(unittest.TestCase):
         self.assertIsNone(body_error(b'{"lone":"\\ud800","big":1e400}'))
 
     def test_verify_gzip_detects_truncation_and_damage(self):
-        data = gzip_bytes(b"hello\n" * 1000)
+        data = gzip.compress(b"hello\n" * 1000)
         verify_gzip(data, 6000)
         with self.assertRaises(ValueError):
             verify_gzip(data[:-4], 6000)

@@ -1,4 +1,5 @@
-"""The local store writes each object atomically under its key."""
+"""The local store writes each object atomically under its key, with the
+file primitives of `estat.stores.fsutil`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from twisted.trial import unittest
 
 from estat.codec import encode_batch
 from estat.model import Batch, Event
-from estat.stores import local as localstore
+from estat.stores import fsutil
 from estat.stores.base import RetryableStoreError
-from estat.stores.local import LocalStore, write_atomically
+from estat.stores.fsutil import write_atomically, write_file
+from estat.stores.local import LocalStore
 from tests.support import make_workdir
 
 
@@ -50,13 +52,43 @@ class LocalStoreTests(unittest.TestCase):
         error = yield self.assertFailure(store.put(self.obj()), RetryableStoreError)
         self.assertEqual((error.reason, error.code), ("io_error", "ENOTDIR"))
 
+    def test_describe_names_the_directory_and_close_has_nothing_to_wait_for(self):
+        store = LocalStore(os.path.join(self.root, "objects"), reactor, self.pool)
+        self.assertEqual(store.describe(), "local:" + os.path.join(self.root, "objects"))
+        self.assertIsNone(self.successResultOf(store.close()))
+
+
+class FileTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.root = make_workdir(self)
+
+    def test_write_file_replaces_the_content_and_syncs_it(self):
+        path = os.path.join(self.root, "f")
+        synced = []
+        real_fsync = os.fsync
+        self.patch(fsutil.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+        write_file(path, b"first, longer")
+        write_file(path, b"second")
+        with open(path, "rb") as handle:
+            self.assertEqual(handle.read(), b"second")
+        self.assertEqual(len(synced), 2)
+
+    def test_write_atomically_creates_directories_and_syncs_the_directory(self):
+        path = os.path.join(self.root, "a", "b", "obj")
+        synced = []
+        self.patch(fsutil, "fsync_directory", synced.append)
+        write_atomically(path, b"data")
+        with open(path, "rb") as handle:
+            self.assertEqual(handle.read(), b"data")
+        self.assertEqual(synced, [os.path.dirname(path)])
+
     def test_a_crash_before_the_rename_leaves_no_file_under_the_name(self):
         path = os.path.join(self.root, "a", "obj.jsonl.gz")
 
         def crash(src, dst):
             raise KeyboardInterrupt("power cut")
 
-        self.patch(localstore.os, "replace", crash)
+        self.patch(fsutil.os, "replace", crash)
         with self.assertRaises(KeyboardInterrupt):
             write_atomically(path, b"data")
         self.assertEqual(os.listdir(os.path.dirname(path)), [])
@@ -69,7 +101,7 @@ class LocalStoreTests(unittest.TestCase):
             seen.append(os.path.basename(src))
             real_replace(src, dst)
 
-        self.patch(localstore.os, "replace", spy)
+        self.patch(fsutil.os, "replace", spy)
         write_atomically(os.path.join(self.root, "x.jsonl.gz"), b"data")
         [name] = seen
         self.assertTrue(name.startswith(".") and not name.endswith(".jsonl.gz"), name)

@@ -7,13 +7,13 @@ import gzip
 import json
 
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.metrics import Metrics
 from estat.model import Event
 from estat.pipeline.batcher import Batcher
+from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Uploader
 from estat.stores.base import PermanentStoreError, RetryableStoreError
 from tests.fakes import FakeStore, RecordingSpool, sync_encoder
@@ -26,15 +26,16 @@ class PipelineTests(unittest.TestCase):
         self.clock = Clock()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=queue_size)
+        self.queue = EventQueue(queue_size)
         self.store = store or FakeStore()
         self.spool = RecordingSpool()
         self.uploader = Uploader(self.store, self.spool, sync_encoder(validated), self.metrics,
                                  upload_queue_size, concurrency)
         self.batcher = Batcher(self.clock, self.queue, self.uploader, self.metrics,
                                batch_size, batch_max_bytes, flush_interval)
-        self.batcher.start()
-        self.addCleanup(self.batcher.stop)
+        loop = self.batcher.service()
+        loop.startService()
+        self.addCleanup(loop.stopService)
 
     def metric(self, name, **labels):
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -42,7 +43,7 @@ class PipelineTests(unittest.TestCase):
     def put(self, n, start=0, size=0):
         for i in range(start, start + n):
             body = json.dumps({"n": i, "pad": "x" * size}).encode()
-            self.queue.put(Event(1700000000000 + i, body))
+            self.queue.offer([Event(1700000000000 + i, body)])
 
     def stored_numbers(self):
         numbers = []
@@ -110,7 +111,7 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 2)
         self.assertFalse(state.ready())
         # S3 recovers: everything accepted is stored, in order, once.
-        while self.store.pending or self.queue.pending or self.batcher.open_events():
+        while self.store.pending or len(self.queue) or self.batcher.open_events():
             self.store.finish_all()
             self.clock.advance(5)
         self.assertEqual(self.stored_numbers(), list(range(10)))
@@ -132,7 +133,7 @@ class PipelineTests(unittest.TestCase):
         self.build(batch_size=2, upload_queue_size=1, store=FakeStore(manual=True))
         self.put(7)
         self.batcher.flush_all()
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
         self.assertEqual(self.metric("estat_batches_flushed_total", trigger="shutdown"), 1)
         idle = self.uploader.when_idle()
         self.assertNoResult(idle)
@@ -153,20 +154,33 @@ class PipelineTests(unittest.TestCase):
         self.flushLoggedErrors()
 
     def test_a_failing_tick_is_counted_and_the_loop_goes_on(self):
-        self.build()
-        self.queue.pending.append(42)  # type: ignore[arg-type]
+        self.build(batch_size=1)
+        submit = self.uploader.submit
+
+        def broken(batch):
+            self.uploader.submit = submit
+            raise TypeError("a bug")
+
+        self.uploader.submit = broken
+        self.put(1)
         self.clock.advance(0.05)
         self.assertEqual(self.metric("estat_loop_errors_total", loop="batcher"), 1)
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
-        self.queue.pending.clear()
-        self.put(5)
+        self.assertEqual(self.store.stored, {})
+        self.put(5, start=1)
         self.clock.advance(0.05)
-        self.assertEqual(self.stored_numbers(), list(range(5)))
+        self.assertEqual(self.stored_numbers(), list(range(1, 6)))
 
     def test_permanent_error_also_spools(self):
-        self.build(batch_size=1, store=FakeStore(error=PermanentStoreError(
-            "client_error", "NoSuchBucket", "The specified bucket does not exist")))
+        error = PermanentStoreError(
+            "client_error", "NoSuchBucket", "The specified bucket does not exist")
+        self.build(batch_size=1, store=FakeStore(error=error))
         self.put(1)
         self.clock.advance(0.05)
-        self.assertEqual(len(self.spool.saved), 1)
+        [(obj, saved_error)] = self.spool.saved
+        self.assertEqual(obj.event_count, 1)
+        self.assertIs(saved_error, error)
+        self.assertFalse(saved_error.retryable)
+        self.assertEqual(self.metric("estat_store_failures_total", store="fake",
+                                     reason="client_error"), 1)
         self.flushLoggedErrors()

@@ -27,17 +27,15 @@ from twisted.internet.defer import (
 )
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 import estat
-from estat.codec import encode_batch
 from estat.config import ConfigError, Settings
 from estat.metrics import Metrics
-from estat.model import Batch, EncodedObject, Event
+from estat.model import EncodedObject
 from estat.stores.base import PermanentStoreError, RetryableStoreError
 from estat.stores.s3 import (
     S3Location,
@@ -57,19 +55,8 @@ from estat.stores.s3_errors import (
     parse_error_body,
 )
 from estat.tap import validate_environment
+from tests.fakes import TS_MS, capture_logs, make_object
 from tests.support import MotoServer, make_workdir
-
-TS_MS = 1_700_000_000_123  # 2023-11-14 22:13:20 UTC
-
-
-def make_object(count: int = 3, batch_id: str = "01HF0000000000000000000000") -> EncodedObject:
-    events = [Event(TS_MS + i, json.dumps({"n": i}).encode()) for i in range(count)]
-    batch = Batch(events=events, body_bytes=sum(len(e.body) for e in events),
-                  batch_id=batch_id, trigger="size")
-    [obj] = encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
-                         host_id="host-1")
-    return obj
-
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
@@ -137,8 +124,7 @@ class Recorder:
         return maybeDeferred(function, *args, **kwargs)
 
 
-LOCATION = S3Location(endpoint="http://s3.test", bucket="bkt-test", virtual=False,
-                      custom=True)
+LOCATION = S3Location(endpoint="http://s3.test", bucket="bkt-test", virtual=False)
 
 
 class FakeS3Case(unittest.TestCase):
@@ -167,12 +153,6 @@ class FakeS3Case(unittest.TestCase):
             random_fraction=random_fraction)
         return self.store
 
-    def capture_logs(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
-
     def attempts(self, outcome: str) -> float:
         return sample(self.metrics, "estat_s3_put_attempts_total", outcome=outcome)
 
@@ -183,7 +163,7 @@ class FakeS3Case(unittest.TestCase):
 class RequestShape(FakeS3Case):
     def test_put_sends_signed_request_with_integrity_type_and_metadata(self):
         store = self.make_store([(200, None, None)])
-        obj = make_object(3)
+        obj = make_object(events=3)
         self.assertIsNone(self.successResultOf(store.put(obj)))
         [request] = self.s3.requests
         headers = request["headers"]
@@ -331,7 +311,7 @@ class Retries(FakeS3Case):
 
 class PermanentErrors(FakeS3Case):
     def assert_permanent(self, status: int, code: Optional[str], reason: str) -> None:
-        logs = self.capture_logs()
+        logs = capture_logs(self)
         store = self.make_store([(status, code, None)], retries=2)
         error = self.failureResultOf(store.put(make_object()), PermanentStoreError).value
         self.assertEqual(error.reason, reason)
@@ -621,7 +601,7 @@ class AgainstMoto(unittest.TestCase):
     def test_object_lands_with_key_body_metadata_and_headers(self):
         store, metrics = self.make(self.key, self.secret)
         self.assertFalse(store.location.virtual)
-        obj = make_object(5)
+        obj = make_object(events=5)
         yield store.put(obj)
         got = self.reader.get_object(Bucket=self.bucket, Key=obj.key)
         body = got["Body"].read()
@@ -641,7 +621,7 @@ class AgainstMoto(unittest.TestCase):
     @inlineCallbacks
     def test_a_second_put_of_the_same_key_overwrites(self):
         store, _ = self.make(self.key, self.secret, s3_content_encoding=True)
-        obj = make_object(2)
+        obj = make_object(events=2)
         yield store.put(obj)
         yield store.put(obj)
         listing = self.reader.list_objects_v2(Bucket=self.bucket)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 
 from twisted.python import usage
 from twisted.trial import unittest
 
-from estat.config import OPTIONS, Settings
+from estat.config import OPTIONS, ConfigError, Settings, default_host_id, load_settings
 from estat.tap import Options
 from tests.support import REPO_ROOT, VENV_BIN, make_workdir
 
@@ -35,6 +36,32 @@ class OptionsTests(unittest.TestCase):
                          (16384, 10000, 10000, 8 * 1024 * 1024, 5.0, 4))
         self.assertTrue(settings.validate_json)
         self.assertEqual((settings.prefix, settings.raw_prefix), ("raw", "raw_dlq"))
+
+    def test_settings_defaults_are_the_options_defaults(self):
+        """One source of truth: a field per option, its default the option's
+        text parsed like user input (the host id worked out at start)."""
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        self.assertEqual(fields, {o.name.replace("-", "_") for o in OPTIONS})
+        defaults = Settings()
+        self.assertEqual(defaults, load_settings({}, {}))
+        for option in OPTIONS:
+            expected = (default_host_id() if option.name == "host-id"
+                        else option.parse_text(option.default))
+            self.assertEqual(getattr(defaults, option.attribute), expected, option.name)
+        self.assertEqual((defaults.listen, defaults.max_batch_body_size,
+                          defaults.dlq_max_bytes, defaults.s3_timeout),
+                         (("tcp:8080",), 1024 * 1024, 1024**3, 30.0))
+
+    def test_listen_needs_an_endpoint_wherever_it_is_given(self):
+        message = "LISTEN must name at least one endpoint, such as tcp:8080."
+        for given, env in (({"listen": [" "]}, {}), ({}, {"LISTEN": " , "})):
+            with self.assertRaises(ConfigError) as caught:
+                load_settings(given, env)
+            self.assertEqual(str(caught.exception), message)
+        # a blank LISTEN is no LISTEN; items given on the command line are
+        # not split at commas, the environment's are
+        self.assertEqual(load_settings({}, {"LISTEN": " "}).listen, ("tcp:8080",))
+        self.assertEqual(load_settings({"listen": ["tcp:1,x"]}, {}).listen, ("tcp:1,x",))
 
     def test_option_beats_environment_beats_default(self):
         self.assertEqual(self.parse(BATCH_SIZE="7").batch_size, 7)

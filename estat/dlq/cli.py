@@ -23,6 +23,7 @@ import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Optional, Sequence
 
+from estat.codec import GZIP_WBITS
 from estat.config import OPTIONS, ConfigError, Settings, load_settings
 from estat.dlq import disk as dlqdisk
 
@@ -116,8 +117,9 @@ def last_error(meta: Mapping[str, Any]) -> str:
     return " ".join(text.split())[:100]
 
 
-class Spool:
-    """The dead-letter directory as the CLI sees it."""
+class DeadLetterDir:
+    """The dead-letter directory as the CLI sees it: its entries by name,
+    resolved from the IDs an operator types."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -156,22 +158,22 @@ class Spool:
 
 
 def first_lines(data: bytes, count: int) -> list[str]:
-    inflater = zlib.decompressobj(31)
+    inflater = zlib.decompressobj(GZIP_WBITS)
     text = inflater.decompress(data, 64 * 1024 + count * 16 * 1024)
     return [line.decode("utf-8", "replace") for line in text.splitlines()[:count]]
 
 
 # -- commands -----------------------------------------------------------------
 
-def cmd_list(spool: Spool, args: argparse.Namespace, report: Reporter) -> None:
-    names = spool.names()
+def cmd_list(dlq: DeadLetterDir, args: argparse.Namespace, report: Reporter) -> None:
+    names = dlq.names()
     now = time.time()
     total_events = total_bytes = 0
     report.say(f"{'ID':<54} {'AGE':>7} {'EVENTS':>7} {'BYTES':>10} {'ATTEMPTS':>8}  "
                "LAST ERROR")
     for name in names:
         try:
-            meta = dlqdisk.read_meta(spool.root, name)
+            meta = dlqdisk.read_meta(dlq.root, name)
         except (dlqdisk.EntryError, OSError) as error:
             report.say(f"{name:<54} {'-':>7} {'-':>7} {'-':>10} {'-':>8}  "
                        f"UNREADABLE: {error}")
@@ -181,33 +183,33 @@ def cmd_list(spool: Spool, args: argparse.Namespace, report: Reporter) -> None:
         report.say(f"{name:<54} {format_age(now - meta['created_at_ms'] / 1000):>7} "
                    f"{meta['event_count']:>7} {meta['compressed_bytes']:>10} "
                    f"{meta['attempts']:>8}  {last_error(meta)}")
-    summary = f"{len(names)} entries, {total_events} events, {total_bytes} bytes in {spool.root}"
-    quarantined = spool.quarantined()
+    summary = f"{len(names)} entries, {total_events} events, {total_bytes} bytes in {dlq.root}"
+    quarantined = dlq.quarantined()
     if quarantined:
         summary += f"; {quarantined} in quarantine/"
     report.note(summary)
 
 
-def cmd_show(spool: Spool, args: argparse.Namespace, report: Reporter) -> None:
-    [name] = spool.resolve([args.id])
-    meta = dlqdisk.read_meta(spool.root, name)
-    report.say(f"entry: {os.path.join(spool.root, name)}")
+def cmd_show(dlq: DeadLetterDir, args: argparse.Namespace, report: Reporter) -> None:
+    [name] = dlq.resolve([args.id])
+    meta = dlqdisk.read_meta(dlq.root, name)
+    report.say(f"entry: {os.path.join(dlq.root, name)}")
     report.say(json.dumps(meta, indent=2, sort_keys=True))
     for field in ("created_at_ms", "first_ts_ms", "last_ts_ms"):
         report.say(f"{field[:-3]}: {format_ms(meta[field])}")
-    entry = dlqdisk.read_entry(spool.root, name)
+    entry = dlqdisk.read_entry(dlq.root, name)
     lines = first_lines(entry.data, args.lines)
     report.say(f"--- first {len(lines)} of {meta['event_count']} lines of data.gz ---")
     for line in lines:
         report.say(line)
 
 
-def cmd_verify(spool: Spool, args: argparse.Namespace, report: Reporter) -> None:
-    names = spool.names()
+def cmd_verify(dlq: DeadLetterDir, args: argparse.Namespace, report: Reporter) -> None:
+    names = dlq.names()
     for name in names:
         try:
-            entry = dlqdisk.read_entry(spool.root, name)
-            lines = zlib.decompress(entry.data, 31).splitlines()
+            entry = dlqdisk.read_entry(dlq.root, name)
+            lines = zlib.decompress(entry.data, GZIP_WBITS).splitlines()
             for number, line in enumerate(lines, 1):
                 try:
                     json.loads(line)
@@ -223,28 +225,28 @@ def cmd_verify(spool: Spool, args: argparse.Namespace, report: Reporter) -> None
     report.note(f"{len(names)} entries checked, {report.failures} bad")
 
 
-def _targets(spool: Spool, args: argparse.Namespace, report: Reporter) -> list[str]:
+def _targets(dlq: DeadLetterDir, args: argparse.Namespace, report: Reporter) -> list[str]:
     if getattr(args, "all", False):
-        return spool.names()
+        return dlq.names()
     if getattr(args, "older_than", None) is not None:
         cutoff_ms = (time.time() - args.older_than) * 1000
         old = []
-        for name in spool.names():
+        for name in dlq.names():
             try:
-                if dlqdisk.read_meta(spool.root, name)["created_at_ms"] < cutoff_ms:
+                if dlqdisk.read_meta(dlq.root, name)["created_at_ms"] < cutoff_ms:
                     old.append(name)
             except (dlqdisk.EntryError, OSError) as error:
                 report.note(f"skipped {name}: cannot read its age ({error})")
         return old
-    return spool.resolve(args.ids)
+    return dlq.resolve(args.ids)
 
 
-def cmd_purge(spool: Spool, args: argparse.Namespace, report: Reporter) -> None:
-    names = _targets(spool, args, report)
+def cmd_purge(dlq: DeadLetterDir, args: argparse.Namespace, report: Reporter) -> None:
+    names = _targets(dlq, args, report)
     events = 0
     for name in names:
         try:
-            fd = dlqdisk.lock_entry(spool.root, name)
+            fd = dlqdisk.lock_entry(dlq.root, name)
         except dlqdisk.Busy:
             report.fail(f"{name} is being uploaded by another process (the server's "
                         "drain?); try again in a moment.")
@@ -253,11 +255,11 @@ def cmd_purge(spool: Spool, args: argparse.Namespace, report: Reporter) -> None:
             report.note(f"{name} is already gone (re-uploaded or purged meanwhile)")
             continue
         try:
-            count = dlqdisk.read_meta(spool.root, name)["event_count"]
+            count = dlqdisk.read_meta(dlq.root, name)["event_count"]
         except (dlqdisk.EntryError, OSError):
             count = 0
         try:
-            dlqdisk.remove_locked(spool.root, name, fd)
+            dlqdisk.remove_locked(dlq.root, name, fd)
         except OSError as error:
             report.fail(f"cannot delete {name}: {error.strerror}.")
             continue
@@ -266,9 +268,9 @@ def cmd_purge(spool: Spool, args: argparse.Namespace, report: Reporter) -> None:
     report.note(f"purged {len(names) - report.failures} entries, {events} events")
 
 
-def cmd_replay(spool: Spool, args: argparse.Namespace, report: Reporter,
+def cmd_replay(dlq: DeadLetterDir, args: argparse.Namespace, report: Reporter,
                settings: Settings) -> None:
-    names = _targets(spool, args, report)
+    names = _targets(dlq, args, report)
     if not names:
         report.note("nothing to replay")
         return
@@ -277,7 +279,7 @@ def cmd_replay(spool: Spool, args: argparse.Namespace, report: Reporter,
     def main(reactor: Any) -> Any:
         from estat.dlq.replay import replay_all
 
-        d = replay_all(reactor, settings, spool.root, names, report,
+        d = replay_all(reactor, settings, dlq.root, names, report,
                        explicit=not args.all)
 
         def done(_: object) -> None:
@@ -364,19 +366,19 @@ def run(argv: Optional[Sequence[str]] = None,
     except Failed as error:
         report.fail(str(error))
         return EXIT_USAGE
-    spool = Spool(settings.dlq_dir)
+    dlq = DeadLetterDir(settings.dlq_dir)
     try:
-        spool.check()
+        dlq.check()
         if args.command == "replay":
-            cmd_replay(spool, args, report, settings)
+            cmd_replay(dlq, args, report, settings)
         else:
-            COMMANDS[args.command](spool, args, report)
+            COMMANDS[args.command](dlq, args, report)
     except Failed as error:
         report.fail(str(error))
     except dlqdisk.EntryError as error:
         report.fail(f"the entry cannot be read: {error}.")
     except OSError as error:
-        report.fail(f"{error.filename or spool.root}: {error.strerror}.")
+        report.fail(f"{error.filename or dlq.root}: {error.strerror}.")
     return report.code()
 
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 from estat.codec import verify_gzip
 from estat.model import EncodedObject
 from estat.stores.base import StoreError
-from estat.stores.local import fsync_directory, write_atomically
+from estat.stores import fsutil
 
 DATA = "data.gz"
 META = "meta.json"
@@ -99,11 +99,10 @@ def record_failure(meta: dict[str, Any], error: StoreError, now_ms: int) -> dict
     return updated
 
 
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+def entry_size(data: bytes, meta: bytes) -> int:
+    """Bytes an entry takes on disk (its data.gz and meta.json), as the
+    budget and the gauges count them."""
+    return len(data) + len(meta)
 
 
 def write_entry(root: str, name: str, data: bytes, meta: bytes) -> None:
@@ -113,14 +112,14 @@ def write_entry(root: str, name: str, data: bytes, meta: bytes) -> None:
     temporary = os.path.join(root, TMP_PREFIX + name)
     os.mkdir(temporary)
     try:
-        _write_file(os.path.join(temporary, DATA), data)
-        _write_file(os.path.join(temporary, META), meta)
-        fsync_directory(temporary)
+        fsutil.write_file(os.path.join(temporary, DATA), data)
+        fsutil.write_file(os.path.join(temporary, META), meta)
+        fsutil.fsync_directory(temporary)
         os.rename(temporary, os.path.join(root, name))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    fsync_directory(root)
+    fsutil.fsync_directory(root)
 
 
 def entry_names(root: str) -> list[str]:
@@ -174,10 +173,6 @@ class Entry:
     data: bytes
     lock_fd: Optional[int] = field(default=None, repr=False)
 
-    @property
-    def size(self) -> int:
-        return len(self.data) + len(encode_meta(self.meta))
-
     def as_object(self) -> EncodedObject:
         """The object to re-upload: same key, so a re-upload overwrites."""
         m = self.meta
@@ -203,12 +198,6 @@ def read_entry(root: str, name: str) -> Entry:
     except ValueError as error:
         raise EntryError(f"data.gz does not verify: {error}") from None
     return Entry(name, meta, data)
-
-
-def entry_bytes(root: str, name: str) -> int:
-    """Bytes an entry takes (its two files), for the budget and gauges."""
-    path = os.path.join(root, name)
-    return sum(os.path.getsize(os.path.join(path, f)) for f in (DATA, META))
 
 
 def remove_temporaries(root: str) -> list[str]:
@@ -240,7 +229,7 @@ def quarantine(root: str, name: str, reason: str) -> str:
     if os.path.lexists(target):
         target = f"{target}.{secrets.token_hex(3)}"
     os.rename(os.path.join(root, name), target)
-    fsync_directory(root)
+    fsutil.fsync_directory(root)
     if os.path.isdir(target):
         try:
             with open(os.path.join(target, "QUARANTINED.txt"), "w") as handle:
@@ -270,7 +259,8 @@ def open_directory(root: str) -> Scan:
     for name in entry_names(root):
         try:
             entry = read_entry(root, name)
-            entries[name] = (entry_bytes(root, name), entry.meta["created_at_ms"])
+            size = entry_size(entry.data, encode_meta(entry.meta))
+            entries[name] = (size, entry.meta["created_at_ms"])
         except (EntryError, OSError) as error:
             reason = str(error) if isinstance(error, EntryError) else f"unreadable: {error}"
             try:
@@ -333,7 +323,7 @@ def remove_locked(root: str, name: str, fd: Optional[int]) -> None:
     try:
         doomed = os.path.join(root, f"{TMP_PREFIX}del-{name}")
         os.rename(os.path.join(root, name), doomed)
-        fsync_directory(root)
+        fsutil.fsync_directory(root)
         shutil.rmtree(doomed, ignore_errors=True)
     finally:
         unlock(fd)
@@ -348,7 +338,7 @@ def remove_entry(root: str, entry: Entry) -> None:
 def update_meta(root: str, entry: Entry, meta: dict[str, Any]) -> None:
     """Replace a claimed entry's meta.json atomically, then release it."""
     try:
-        write_atomically(os.path.join(root, entry.name, META), encode_meta(meta))
+        fsutil.write_atomically(os.path.join(root, entry.name, META), encode_meta(meta))
         entry.meta = meta
     finally:
         unlock(entry.lock_fd)

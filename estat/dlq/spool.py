@@ -4,42 +4,49 @@ per idle tick, oldest first, under the same key.
 
 Every file operation runs on the service's thread pool; the format lives
 in `estat.dlq.disk`. `save` never fails: what it cannot keep it counts and
-logs. A drain tick never raises: it logs and counts instead.
+logs. The drain tick is `estat.loops.guarded`: an error in it is logged
+and counted, and the loop goes on.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 import estat
 from estat.dlq import disk as dlqdisk
+from estat.loops import guarded
 from estat.metrics import Metrics
 from estat.model import EncodedObject
-from estat.stores.base import (
-    PermanentStoreError,
-    RetryableStoreError,
-    Store,
-    StoreError,
-)
+from estat.stores.base import PermanentStoreError, Store, StoreError, as_store_error
 
 _log = Logger()
 
 BACKOFF_CAP = 300.0
-_CANCELLED = object()  # a re-upload stopped at shutdown: not an attempt
+
+
+class _Cancelled:
+    """A re-upload stopped at shutdown: not an attempt."""
+
+
+_CANCELLED = _Cancelled()
 
 
 class DeadLetterQueue:
-    """The spool in `directory` and its drain loop (see the module doc)."""
+    """The spool in `directory` and its drain loop (see the module doc).
+    `reactor` is the clock of the loop and of entry ages, and takes the
+    results of the work done on `pool` back to its thread."""
 
-    def __init__(self, directory: str, max_bytes: int, reactor: Any, pool: Any,
-                 metrics: Metrics, drain_interval: float = 1.0,
+    def __init__(self, directory: str, max_bytes: int, reactor: IReactorTime,
+                 pool: ThreadPool, metrics: Metrics, drain_interval: float = 1.0,
                  backoff_cap: float = BACKOFF_CAP) -> None:
         self.directory = os.path.abspath(directory)
         self.max_bytes = max_bytes
@@ -96,8 +103,9 @@ class DeadLetterQueue:
         """Entries this server knows of, oldest first."""
         return sorted(self._entries)
 
-    def _run(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        return deferToThreadPool(self._reactor, self._pool, f, *args)
+    def _run(self, f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        threads = cast(IReactorFromThreads, self._reactor)
+        return deferToThreadPool(threads, self._pool, f, *args)
 
     def _log_quarantined(self, quarantined: list[tuple[str, str, str]]) -> None:
         for name, reason, where in quarantined:
@@ -142,7 +150,7 @@ class DeadLetterQueue:
             meta = dlqdisk.encode_meta(
                 dlqdisk.make_meta(obj, error, created_ms, estat.__version__))
             name = dlqdisk.entry_name(created_ms, obj)
-            size = len(obj.data) + len(meta)
+            size = dlqdisk.entry_size(obj.data, meta)
         except Exception:
             _log.failure("cannot describe {key} for the dead-letter directory", key=obj.key)
             self._drop(obj, "save_error", "it could not be described")
@@ -180,14 +188,14 @@ class DeadLetterQueue:
     # -- draining --------------------------------------------------------
 
     def start_draining(self, store: Store, is_idle: Callable[[], bool]) -> None:
-        """Re-upload one entry per tick while `is_idle()`, oldest first."""
+        """Re-upload one entry per tick while `is_idle()`, oldest first; the
+        first tick comes one interval after the start."""
         self._store = store
         self._is_idle = is_idle
         self._stopping = False
-        self._loop = LoopingCall(self._tick)
+        self._loop = LoopingCall(guarded("dlq", self._metrics.loop_errors, self._tick))
         self._loop.clock = self._reactor
         self._loop_done = self._loop.start(self.drain_interval, now=False)
-        self._loop_done.addErrback(self._loop_failed)
 
     def stop_draining(self) -> "Deferred[None]":
         """Stop the loop; a re-upload in flight is cancelled (its entry stays
@@ -200,33 +208,19 @@ class DeadLetterQueue:
         if self._put is not None:
             self._put.cancel()
         loop.stop()
-        done.addCallback(lambda _: None)
-        return done
+        return done.addCallback(lambda _: None)
 
-    def _loop_failed(self, failure: Failure) -> None:
-        self._metrics.loop_errors.labels(loop="dlq").inc()
-        _log.failure("the dead-letter drain loop stopped", failure=failure)
-
-    def _tick(self) -> Optional[Deferred]:
-        try:
-            if (self._stopping or not self._entries
-                    or self._reactor.seconds() < self._not_before or not self._is_idle()):
-                return None
-            d = self._drain_one()
-        except Exception:
-            self._tick_failed(Failure())
+    def _tick(self) -> Optional["Deferred[None]"]:
+        """Drain one entry if there is one, it is time, and the uploader is
+        idle. (`guarded` logs and counts what goes wrong here.)"""
+        waiting = self._reactor.seconds() < self._not_before
+        if self._stopping or not self._entries or waiting or not self._is_idle():
             return None
-        d.addErrback(self._tick_failed)
-        return d
+        return Deferred.fromCoroutine(self._drain_one())
 
-    def _tick_failed(self, failure: Failure) -> None:
-        self._metrics.loop_errors.labels(loop="dlq").inc()
-        _log.failure("error in the dead-letter drain (directory {directory}); "
-                     "trying again next tick", failure=failure, directory=self.directory)
-
-    @inlineCallbacks
-    def _drain_one(self):  # type: ignore[no-untyped-def]
-        pick = yield self._run(dlqdisk.claim_oldest, self.directory, self.entry_names())
+    async def _drain_one(self) -> None:
+        pick: dlqdisk.Pick = await self._run(
+            dlqdisk.claim_oldest, self.directory, self.entry_names())
         for name in pick.gone:
             self._forget(name)
         for name, _, _ in pick.quarantined:
@@ -236,36 +230,32 @@ class DeadLetterQueue:
         if entry is None:
             return
         if self._stopping or self._store is None:
-            yield self._run(dlqdisk.release, entry)
+            await self._run(dlqdisk.release, entry)
             return
-        error = yield self._reupload(entry)
+        error = await self._reupload(self._store, entry)
         if error is None:
-            yield self._succeeded(entry)
-        elif error is _CANCELLED:
-            yield self._run(dlqdisk.release, entry)
+            await self._succeeded(entry)
+        elif isinstance(error, _Cancelled):
+            await self._run(dlqdisk.release, entry)
         else:
-            yield self._failed(entry, error)
+            await self._failed(entry, error)
 
-    @inlineCallbacks
-    def _reupload(self, entry: dlqdisk.Entry):  # type: ignore[no-untyped-def]
-        """Put the entry's object; fire with None, the StoreError, or
-        _CANCELLED."""
-        assert self._store is not None
-        self._put = self._store.put(entry.as_object())
+    async def _reupload(self, store: Store,
+                        entry: dlqdisk.Entry) -> Optional[StoreError | _Cancelled]:
+        """Put the entry's object: None once stored, else the StoreError, or
+        _CANCELLED when the drain stopped meanwhile."""
+        self._put = store.put(entry.as_object())
         try:
-            yield self._put
+            await self._put
         except CancelledError:
             return _CANCELLED
-        except StoreError as error:
-            return error
-        except Exception as other:
-            return RetryableStoreError("io_error", type(other).__name__, str(other))
+        except Exception as error:
+            return as_store_error(error)
         finally:
             self._put = None
         return None
 
-    @inlineCallbacks
-    def _succeeded(self, entry: dlqdisk.Entry):  # type: ignore[no-untyped-def]
+    async def _succeeded(self, entry: dlqdisk.Entry) -> None:
         self._permanent_failures = 0
         self._not_before = 0.0
         events = entry.meta["event_count"]
@@ -274,15 +264,14 @@ class DeadLetterQueue:
         _log.info("re-uploaded dead-letter entry {entry} ({events} events) as {key}",
                   entry=entry.name, events=events, key=entry.meta["key"])
         try:
-            yield self._run(dlqdisk.remove_entry, self.directory, entry)
+            await self._run(dlqdisk.remove_entry, self.directory, entry)
         except OSError as error:
             # Stored, but still on disk: the next run uploads it again under
             # the same key, which overwrites rather than duplicates.
             _log.error("re-uploaded {entry} but could not delete it: {error}",
                        entry=entry.name, error=str(error))
 
-    @inlineCallbacks
-    def _failed(self, entry: dlqdisk.Entry, error: StoreError):  # type: ignore[no-untyped-def]
+    async def _failed(self, entry: dlqdisk.Entry, error: StoreError) -> None:
         if isinstance(error, PermanentStoreError):
             self._permanent_failures += 1
             delay = min(self.backoff_cap,
@@ -298,11 +287,13 @@ class DeadLetterQueue:
         attempts = meta["attempts"]
         previous = (entry.meta.get("last_error") or {}).get("code")
         noteworthy = attempts & (attempts - 1) == 0 or previous != error.code
-        (_log.warn if noteworthy else _log.debug)("re-upload of dead-letter entry {entry} failed (attempt {attempts}): "
-                  "{code}: {message}; next try in {delay}s", entry=entry.name,
-                  attempts=meta["attempts"], code=error.code, message=error.message,
-                  reason=error.reason, delay=delay)
-        yield self._run(dlqdisk.update_meta, self.directory, entry, meta)
+        log = _log.warn if noteworthy else _log.debug
+        log("re-upload of dead-letter entry {entry} failed (attempt {attempts}): "
+            "{code}: {message}; next try in {delay}s", entry=entry.name,
+            attempts=attempts, code=error.code, message=error.message,
+            reason=error.reason, delay=delay)
+        encoded = dlqdisk.encode_meta(meta)
+        await self._run(dlqdisk.update_meta, self.directory, entry, meta)
         if entry.name in self._entries:
-            size = len(entry.data) + len(dlqdisk.encode_meta(meta))
-            self._add(entry.name, size, self._entries[entry.name][1])
+            created_ms = self._entries[entry.name][1]
+            self._add(entry.name, dlqdisk.entry_size(entry.data, encoded), created_ms)

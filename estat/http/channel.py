@@ -44,6 +44,7 @@ from zope.interface import implementer
 from estat.http.limits import Limits
 from estat.http.request import IngestRequest, TooLarge
 from estat.http.response import Answer, error_body, raw_error, response
+from estat.lifecycle import Lifecycle
 
 _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -83,6 +84,7 @@ class IngestChannel(Protocol):
         self.handler = listener.handler
         self.limits = listener.limits
         self.counters = listener.counters
+        self.lifecycle = listener.lifecycle
         self.parser = HttpRequestParser(self)
         # The connection.
         self.last_active = 0.0  # when input last arrived
@@ -258,7 +260,8 @@ class IngestChannel(Protocol):
             _log.failure("unexpected error handling {method} {path}",
                          method=request.method, path=request.path)
             answer = Answer(500, error_body("internal_error"))
-        close = answer.close or self.factory.closing or not self.parser.should_keep_alive()
+        close = (answer.close or self.lifecycle.stopping
+                 or not self.parser.should_keep_alive())
         headers = answer.headers
         if not close and b"connection" in request.headers:
             # An HTTP/1.0 client keeps the connection only if told it stays.
@@ -348,17 +351,17 @@ class _TooManyConnections(Protocol):
 
 class IngestListener(Factory):
     """Builds the ingest listener's connections, each answering with
-    `handler` within `limits` and reporting to `counters`; reaps slow
-    requests and idle connections while it listens, and closes them all
-    for an orderly stop with `close_connections`."""
-
-    closing = False
+    `handler` within `limits` and reporting to `counters` (and closing
+    after its answer once `lifecycle` is stopping); reaps slow requests and
+    idle connections while it listens, and closes them all for an orderly
+    stop with `close_connections`."""
 
     def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
-                 reactor: IReactorTime) -> None:
+                 lifecycle: Lifecycle, reactor: IReactorTime) -> None:
         self.handler = handler
         self.limits = limits
         self.counters = counters
+        self.lifecycle = lifecycle
         self.reactor = reactor
         self.channels: set[IngestChannel] = set()
         self._closed_waiters: list[Deferred[None]] = []
@@ -394,8 +397,8 @@ class IngestListener(Factory):
     def close_connections(self, grace: float) -> "Deferred[None]":
         """Close idle connections now; let busy ones finish their request
         (each closes after its answer) and abort what is left after
-        `grace` seconds. Fires when every connection is gone."""
-        self.closing = True
+        `grace` seconds. Fires when every connection is gone. (The lifecycle
+        is stopping by then, so each busy one closes after its answer.)"""
         for channel in list(self.channels):
             channel.close_if_idle()
         closed = self._all_closed()

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
-from estat.stores.base import RetryableStoreError, Store, StoreError
+from estat.stores.base import RetryableStoreError, Store, StoreError, as_store_error
 
 _log = Logger()
 
@@ -135,7 +135,7 @@ class Uploader:
         except StoreError as store_error:
             error = store_error
         except Exception as other:
-            error = RetryableStoreError("io_error", type(other).__name__, str(other))
+            error = as_store_error(other)
             _log.failure("unexpected error storing {key}", key=obj.key)
         else:
             events, objects, size = self._stored

@@ -1,2 +1,3 @@
 """Where objects are stored: the `Store` interface and its errors
-(`estat.stores.base`), a local directory, S3; `make_store` picks one."""
+(`base`), the file primitives (`fsutil`), a local directory (`local`), S3
+(`s3`, `s3_errors`, `httpclient`); `factory.make_store` picks one."""

@@ -6,46 +6,16 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from estat.model import EncodedObject
 from estat.stores.base import RetryableStoreError
-
-
-def fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that `path` either does not exist or holds
-    all of `data`, even after a crash or power loss."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(
-        directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp"
-    )
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    fsync_directory(directory)
+from estat.stores.fsutil import write_atomically
 
 
 class LocalStore:
@@ -62,16 +32,25 @@ class LocalStore:
         return os.path.join(self.root, *key.split("/"))
 
     def put(self, obj: EncodedObject) -> "Deferred[None]":
-        d = deferToThreadPool(
+        d: "Deferred[None]" = deferToThreadPool(
             self._reactor, self._pool, write_atomically, self.path_for(obj.key), obj.data
         )
         d.addErrback(self._as_store_error)
         return d
 
+    def describe(self) -> str:
+        return f"local:{self.root}"
+
+    def close(self) -> "Deferred[None]":
+        """Nothing to release: every put closed its file."""
+        return succeed(None)
+
     @staticmethod
-    def _as_store_error(failure):  # type: ignore[no-untyped-def]
+    def _as_store_error(failure: Failure) -> Failure:
+        """An OSError (a full disk, a read-only mount) may pass: retryable,
+        named by its errno. Anything else is a bug and stays as it is."""
         error = failure.check(OSError) and failure.value
-        if error:
+        if isinstance(error, OSError):
             code = errno.errorcode.get(error.errno or 0, "EIO")
             raise RetryableStoreError("io_error", code, error.strerror or str(error))
         return failure

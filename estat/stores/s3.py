@@ -30,13 +30,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError
 from treq.client import HTTPClient
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredLock,
-    inlineCallbacks,
-    succeed,
-)
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -90,7 +84,6 @@ class S3Location:
     endpoint: str  # scheme://host[:port][/path], no trailing slash
     bucket: str
     virtual: bool  # bucket in the host name, else the first path segment
-    custom: bool  # an S3-compatible endpoint, not AWS's own
 
     def url_for(self, key: str) -> str:
         """The object URL. The key is percent-encoded once, as SigV4 for S3
@@ -144,8 +137,7 @@ def resolve_location(settings: Settings, environ: Mapping[str, str], region: str
         virtual = not custom and "." not in settings.s3_bucket
     else:
         virtual = settings.s3_addressing == "virtual"
-    return S3Location(endpoint=endpoint, bucket=settings.s3_bucket, virtual=virtual,
-                      custom=custom)
+    return S3Location(endpoint=endpoint, bucket=settings.s3_bucket, virtual=virtual)
 
 
 def check_s3_settings(settings: Settings, environ: Optional[Mapping[str, str]] = None,
@@ -236,6 +228,10 @@ class _PutState:
     cancelled = False
 
 
+class _AttemptTimedOut(Exception):
+    """One attempt had no complete answer within the timeout."""
+
+
 class S3Store:
     """Stores objects in one S3 bucket. `put` fires with None once S3
     answered 2xx, or fails with a StoreError after the last attempt, or
@@ -289,7 +285,7 @@ class S3Store:
     def put(self, obj: EncodedObject) -> "Deferred[None]":
         """Upload `obj` under its key; retries overwrite the same key."""
         state = _PutState()
-        inner = self._put(obj, state)
+        inner = Deferred.fromCoroutine(self._put(obj, state))
 
         def cancel(_: Deferred) -> None:
             state.cancelled = True
@@ -298,6 +294,9 @@ class S3Store:
         outer: Deferred[None] = Deferred(cancel)
         inner.chainDeferred(outer)
         return outer
+
+    def describe(self) -> str:
+        return self.location.describe()
 
     def close(self) -> "Deferred[None]":
         """Close idle keep-alive connections (at shutdown, after the last
@@ -332,23 +331,22 @@ class S3Store:
 
     # the retry loop
 
-    @inlineCallbacks
-    def _put(self, obj: EncodedObject, state: _PutState):  # type: ignore[no-untyped-def]
+    async def _put(self, obj: EncodedObject, state: _PutState) -> None:
         try:
-            md5 = yield self._run_blocking(content_md5, obj.data, obj.uncompressed_bytes)
+            md5 = await self._run_blocking(content_md5, obj.data, obj.uncompressed_bytes)
         except ValueError as error:
             if state.cancelled:
                 raise CancelledError() from None
             failure = PermanentStoreError("encode_error", "IncompleteGzip", str(error))
             self._count_failure(failure)
-            self._log_permanent(obj, failure, status=0, request_id="")
+            self._log_permanent(obj, failure)
             raise failure from None
         url = self.location.url_for(obj.key)
         headers = self.headers_for(obj, md5)
         retry = 0
         while True:
             try:
-                yield self._attempt(obj, url, headers, state)
+                await self._attempt(obj, url, headers, state)
             except StoreError as failure:
                 if state.cancelled:
                     raise CancelledError() from None
@@ -360,7 +358,7 @@ class S3Store:
                     "S3 PUT of {key} failed ({reason}: {s3_code}); retry {retry} of "
                     "{retries} in {delay:.2f}s", key=obj.key, reason=failure.reason,
                     s3_code=failure.code, retry=retry, retries=self.retries, delay=delay)
-                yield deferLater(self._clock, delay, lambda: None)
+                await deferLater(self._clock, delay, lambda: None)
             else:
                 self._metrics.s3_events_stored.inc(obj.event_count)
                 self._metrics.s3_objects_stored.inc()
@@ -372,21 +370,19 @@ class S3Store:
         """One signed PUT, bounded as a whole (signing, connecting, sending,
         reading the answer) by the timeout, counted and timed."""
         started = self._clock.seconds()
-        timed_out: list[bool] = []
-        d = self._send(obj, url, headers)
+        d = Deferred.fromCoroutine(self._send(obj, url, headers))
 
-        def time_out() -> None:
-            timed_out.append(True)
-            d.cancel()
+        def timed_out(result: object, timeout: float) -> object:
+            # Whatever cancelling the attempt failed with, it failed because
+            # the time was up.
+            return Failure(_AttemptTimedOut()) if isinstance(result, Failure) else result
 
-        timer = self._clock.callLater(self.timeout, time_out)
+        d.addTimeout(self.timeout, self._clock, onTimeoutCancel=timed_out)
 
         def failed(failure: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
             if state.cancelled:
                 return Failure(CancelledError())
-            if timed_out:
+            if failure.check(_AttemptTimedOut):
                 error: Optional[StoreError] = RetryableStoreError(
                     "timeout", "Timeout", f"no complete answer within {self.timeout:g}s")
             else:
@@ -396,44 +392,39 @@ class S3Store:
             self._metrics.s3_put_seconds.observe(self._clock.seconds() - started)
             self._count_failure(error)
             if not error.retryable:
-                self._log_permanent(obj, error, getattr(failure.value, "status", 0),
-                                    getattr(failure.value, "request_id", ""))
+                self._log_permanent(obj, error)
             return Failure(error)
 
         def succeeded(_: object) -> None:
-            if timer.active():
-                timer.cancel()
             self._metrics.s3_put_seconds.observe(self._clock.seconds() - started)
             self._attempt_outcome["ok"].inc()
 
         d.addCallbacks(succeeded, failed)
         return d
 
-    @inlineCallbacks
-    def _send(self, obj: EncodedObject, url: str, headers: dict[str, str]):  # type: ignore[no-untyped-def]
-        credentials = yield self._credentials_lock.run(self._ensure_credentials)
-        signed = yield self._run_blocking(
+    async def _send(self, obj: EncodedObject, url: str, headers: dict[str, str]) -> None:
+        credentials = await self._credentials_lock.run(self._ensure_credentials)
+        signed = await self._run_blocking(
             sign_put, credentials, self.region, url, headers, obj.data)
         signed["User-Agent"] = f"estat-ingest/{estat.__version__}"
-        response = yield self._http.put(
+        response = await self._http.put(
             url, data=obj.data, headers=signed, timeout=self.timeout,
             allow_redirects=False, unbuffered=True, reactor=self._clock)
-        body = yield _read_capped(response, MAX_ERROR_BODY)
+        body = await _read_capped(response, MAX_ERROR_BODY)
         if 200 <= response.code < 300:
             return
         parsed = parse_error_body(body)
         error = classify_response(response.code, parsed, _phrase(response))
-        error.status = response.code  # type: ignore[attr-defined]
-        error.request_id = parsed.request_id  # type: ignore[attr-defined]
+        error.status = response.code
+        error.request_id = parsed.request_id
         raise error
 
-    @inlineCallbacks
-    def _ensure_credentials(self):  # type: ignore[no-untyped-def]
+    async def _ensure_credentials(self) -> Credentials:
         """Resolve credentials once with the chain (off the reactor); a
         refreshable result refreshes itself when signing. Not cached while
         missing, so credentials that appear later are picked up."""
         if self._credentials is None:
-            credentials = yield self._run_blocking(self._resolve_credentials)
+            credentials = await self._run_blocking(self._resolve_credentials)
             if credentials is None:
                 raise PermanentStoreError(
                     "credentials", "NoCredentials",
@@ -449,13 +440,13 @@ class S3Store:
         self._attempt_outcome[outcome].inc()
         self._metrics.s3_put_failures.labels(reason=error.reason).inc()
 
-    def _log_permanent(self, obj: EncodedObject, error: StoreError, status: int,
-                       request_id: str) -> None:
+    def _log_permanent(self, obj: EncodedObject, error: StoreError) -> None:
         _log.error(
             "S3 refused PUT of {key} to {bucket}: HTTP {status} {s3_code}: {s3_message} "
             "(reason {reason}, request id {request_id}); not retrying",
-            key=obj.key, bucket=self.location.bucket, status=status, s3_code=error.code,
-            s3_message=error.message, reason=error.reason, request_id=request_id)
+            key=obj.key, bucket=self.location.bucket, status=error.status,
+            s3_code=error.code, s3_message=error.message, reason=error.reason,
+            request_id=error.request_id)
 
 
 def _phrase(response: Any) -> str:

@@ -1,1 +1,2 @@
-"""`--workers N`: the supervising parent and its worker processes."""
+"""`--workers N`: the supervising parent (supervisor), its admin pages
+over every worker (admin), and the worker process (child)."""

@@ -1,5 +1,6 @@
 """End to end: `--workers 2` shares the port between two worker processes,
-restarts a dead worker, aggregates metrics, and drains both on SIGTERM."""
+restarts a dead worker, aggregates metrics, and drains both on SIGTERM;
+SIGHUP never stops the server, with or without workers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from estat.workers.supervisor import merge_worker_metrics
+from estat.workers.child import MODULE
 from tests.support import EstatServer, make_workdir, poll_until, read_objects
 
 
@@ -28,8 +29,8 @@ def worker_pids(server: EstatServer) -> dict[int, int]:
                 parent = int(handle.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if parent == server.proc.process.pid and b"estat.workers.supervisor" in argv:
-            pids[int(argv[argv.index(b"estat.workers.supervisor") + 1])] = int(pid)
+        if parent == server.proc.process.pid and MODULE.encode() in argv:
+            pids[int(argv[argv.index(MODULE.encode()) + 1])] = int(pid)
     return pids
 
 
@@ -87,21 +88,6 @@ class WorkersEndToEnd(unittest.TestCase):
         self.assertEqual({key.rsplit("/", 1)[1].split("-")[-2] for key, _ in objects},
                          {"w0", "w1"})
         self.assertEqual(sorted(os.listdir(os.path.join(workdir, "dlq"))), ["w0", "w1"])
-
-
-class MergeTests(unittest.TestCase):
-    def test_every_sample_gets_its_worker_label(self):
-        text = (b"# HELP estat_events_accepted_total Events\n"
-                b"# TYPE estat_events_accepted_total counter\n"
-                b"estat_events_accepted_total 3.0\n"
-                b"# HELP estat_events_rejected_total Rejected\n"
-                b"# TYPE estat_events_rejected_total counter\n"
-                b'estat_events_rejected_total{reason="queue_full"} 1.0\n')
-        merged = merge_worker_metrics({0: text, 1: text.replace(b"3.0", b"4.0")}).decode()
-        self.assertIn('estat_events_accepted_total{worker="0"} 3.0', merged)
-        self.assertIn('estat_events_accepted_total{worker="1"} 4.0', merged)
-        self.assertIn('estat_events_rejected_total{reason="queue_full",worker="1"} 1.0', merged)
-        self.assertEqual(merged.count("# TYPE estat_events_accepted_total counter"), 1)
 
 
 class SighupTests(unittest.TestCase):
