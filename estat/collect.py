@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
+from prometheus_client import Counter
+
 from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, error_body
@@ -68,6 +70,10 @@ class IngestState:
     def gauge_connections(self, count: Callable[[], int]) -> None:
         """Export `count()` as the open-connections gauge."""
         self.metrics.open_connections.set_function(count)
+
+    @property
+    def loop_errors(self) -> Counter:
+        return self.metrics.loop_errors
 
     def allowed_origin(self, origin: Optional[bytes]) -> Optional[bytes]:
         """The Access-Control-Allow-Origin value for `origin`, if allowed."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -164,6 +165,7 @@ class _Counts:
         self.responses: list[int] = []
         self.rejected: list[str] = []
         self.open_connections = lambda: -1
+        self.loop_errors = Counter("loop_errors", "", ["loop"], registry=CollectorRegistry())
 
     def count_response(self, code: int) -> None:
         self.responses.append(code)
@@ -173,6 +175,13 @@ class _Counts:
 
     def gauge_connections(self, count) -> None:
         self.open_connections = count
+
+
+class _BrokenChannel:
+    """A channel whose reap raises, as a bug in it would."""
+
+    def reap(self, now: float) -> None:
+        raise RuntimeError("reap failed")
 
 
 class ListenerTests(unittest.TestCase):
@@ -218,6 +227,16 @@ class ListenerTests(unittest.TestCase):
         self.assertEqual([code for code, _, _ in client.responses()], [408])
         self.listener.doStop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_failing_reap_is_counted_and_the_reaper_goes_on(self):
+        self.listener.doStart()
+        self.listener.channels.add(_BrokenChannel())  # type: ignore[arg-type]
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(self.counts.loop_errors.labels(loop="reaper")._value.get(), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # still scheduled
+        self.listener.doStop()
 
     def test_close_connections_leaves_no_timer_once_they_are_gone(self):
         busy = Exchange(self.listener)

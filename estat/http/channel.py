@@ -27,6 +27,7 @@ from httptools import (
     HttpParserUpgrade,
     HttpRequestParser,
 )
+from prometheus_client import Counter
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
@@ -45,6 +46,7 @@ from estat.http.limits import Limits
 from estat.http.request import IngestRequest, TooLarge
 from estat.http.response import Answer, error_body, raw_error, response
 from estat.lifecycle import Lifecycle
+from estat.loops import guarded
 
 _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -63,6 +65,10 @@ class ListenerCounters(typing.Protocol):
 
     def gauge_connections(self, count: Callable[[], int]) -> None:
         """Report `count()` as the number of open connections."""
+
+    @property
+    def loop_errors(self) -> Counter:
+        """Where the reaper's unexpected errors are counted (by `loop`)."""
 
 
 Handler = Callable[[IngestRequest], Answer]
@@ -373,7 +379,8 @@ class IngestListener(Factory):
         requests arriving too slowly (a 408 comes at most a quarter of the
         timeout late) and for idle connections: one timer per listener, not
         one per request."""
-        reaper = self._reaper = LoopingCall(self._reap)
+        reaper = self._reaper = LoopingCall(guarded("reaper", self.counters.loop_errors,
+                                                    self._reap))
         reaper.clock = self.reactor
         reaper.start(min(1.0, self.limits.request_timeout / 4), now=False)
 

@@ -5,11 +5,13 @@ cannot be stored handed to the dead-letter spool, never dropped."""
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Callable, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
+from estat.loops import guarded
 from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
 from estat.stores.base import RetryableStoreError, Store, StoreError, as_store_error
@@ -95,8 +97,7 @@ class Uploader:
         while self._in_flight < self.concurrency and self._queue:
             batch = self._queue.popleft()
             self._in_flight += 1
-            d = self._process(batch)
-            d.addErrback(self._unexpected)
+            d = guarded("uploader", self._metrics.loop_errors, partial(self._process, batch))()
             d.addBoth(self._finished)
 
     def _finished(self, _: object) -> None:
@@ -106,10 +107,6 @@ class Uploader:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-
-    def _unexpected(self, failure):  # type: ignore[no-untyped-def]
-        self._metrics.loop_errors.labels(loop="uploader").inc()
-        _log.failure("unexpected error in the upload loop", failure=failure)
 
     @inlineCallbacks
     def _process(self, batch: Batch):  # type: ignore[no-untyped-def]
