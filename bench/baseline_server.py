@@ -31,7 +31,7 @@ from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import Request, Site  # noqa: E402
 
-from estat.http.request import http_date  # noqa: E402  (the Date cache estat uses)
+from estat.http.response import http_date  # noqa: E402  (the Date cache estat uses)
 
 ACCEPTED_BODY = b'{"status":"accepted"}\n'
 

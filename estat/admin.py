@@ -14,8 +14,8 @@ from twisted.web import http
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from estat.collect import HEALTHY, Answer, IngestState, readiness
-from estat.http.request import error_body
+from estat.collect import HEALTHY, IngestState, readiness
+from estat.http.response import Answer, error_body
 
 
 class NotFound(Resource):

@@ -2,19 +2,22 @@
 NDJSON with one event per line) and the health endpoints.
 
 The handlers are plain functions of an `IngestRequest` returning an
-`Answer`; `estat.http.channel` parses HTTP and writes the answers."""
+`Answer`; `estat.http` parses HTTP and writes the answers."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
-from twisted.internet.defer import DeferredQueue
+from prometheus_client import Counter
 
 from estat.auth import WriteKeys
-from estat.http.request import IngestRequest, error_body
+from estat.http.request import IngestRequest
+from estat.http.response import Answer, error_body
+from estat.lifecycle import Lifecycle
 from estat.metrics import REJECT_REASONS, Metrics
 from estat.model import Event, events_of
+from estat.pipeline.queue import EventQueue
 from estat.validate import body_error
 
 RETRY_AFTER_SECONDS = b"1"
@@ -25,46 +28,35 @@ ACCEPTED_BODY = b'{"status":"accepted"}\n'
 
 class IngestState:
     """What the request path needs to know about the server: the event
-    queue, whether it is draining, and the limits it enforces."""
+    queue, its lifecycle (starting, running, draining), who may write
+    from where, and the counters of what it answers."""
 
     def __init__(
         self,
-        queue: DeferredQueue,
+        queue: EventQueue,
         metrics: Metrics,
-        max_body_size: int,
         validate_json: bool,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-        max_batch_body_size: int = 1024 * 1024,
-        max_batch_events: int = 1000,
         write_keys: Optional[WriteKeys] = None,
         cors_origins: str = "",
+        lifecycle: Optional[Lifecycle] = None,
     ) -> None:
         self.queue = queue
-        self.queue_size = queue.size or 0
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
         self.metrics = metrics
-        self.max_body_size = max_body_size
-        self.max_batch_body_size = max_batch_body_size
-        self.max_batch_events = max_batch_events
         self.validate_json = validate_json
         self.write_keys = write_keys
         origins = {o.strip().encode() for o in cors_origins.split(",") if o.strip()}
         self.cors_any = b"*" in origins
         self.cors_origins = frozenset(origins - {b"*"})
         self.now_ms = now_ms
-        self.started = False
-        self.draining = False
         self._codes: dict[int, Any] = {}
         self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
                           for reason in REJECT_REASONS}
 
-    def room(self) -> int:
-        """Events the queue can still take. Nothing ever waits on
-        `queue.get()` (the batcher drains `pending`), so enqueueing is an
-        append after this check."""
-        return self.queue_size - len(self.queue.pending)
-
     def ready(self) -> bool:
-        return self.started and not self.draining and self.room() > 0
+        """Running, with room in the queue for at least one more event."""
+        return self.lifecycle.running and self.queue.room() > 0
 
     def count_response(self, code: int) -> None:
         child = self._codes.get(code)
@@ -75,6 +67,14 @@ class IngestState:
     def count_rejected(self, reason: str, amount: int = 1) -> None:
         self._rejected[reason].inc(amount)
 
+    def gauge_connections(self, count: Callable[[], int]) -> None:
+        """Export `count()` as the open-connections gauge."""
+        self.metrics.open_connections.set_function(count)
+
+    @property
+    def loop_errors(self) -> Counter:
+        return self.metrics.loop_errors
+
     def allowed_origin(self, origin: Optional[bytes]) -> Optional[bytes]:
         """The Access-Control-Allow-Origin value for `origin`, if allowed."""
         if origin is None:
@@ -82,16 +82,6 @@ class IngestState:
         if self.cors_any:
             return b"*"
         return origin if origin in self.cors_origins else None
-
-
-class Answer(NamedTuple):
-    """What a handler answers: status, JSON body, extra headers, and
-    whether the connection closes after it."""
-
-    code: int
-    body: bytes
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    close: bool = False
 
 
 ACCEPTED = Answer(202, ACCEPTED_BODY)
@@ -112,10 +102,14 @@ class Collect:
     or refused as a whole (so a client's retry never duplicates). Multipart
     bodies are refused (415). A body labelled as a URL-encoded form is taken
     as JSON when it is JSON (curl's `--data` sends that label) and refused
-    with 415 otherwise."""
+    with 415 otherwise. Each line of a batch is held to `max_event_bytes`,
+    like a single event, and a batch to `max_batch_events`."""
 
-    def __init__(self, state: IngestState) -> None:
+    def __init__(self, state: IngestState, max_event_bytes: int,
+                 max_batch_events: int) -> None:
         self.state = state
+        self.max_event_bytes = max_event_bytes
+        self.max_batch_events = max_batch_events
         self._accepted = state.metrics.events_accepted
 
     def __call__(self, request: IngestRequest) -> Answer:
@@ -154,7 +148,7 @@ class Collect:
         if problem == "invalid_gzip":
             state.count_rejected("invalid_encoding")
             return Answer(400, error_body("invalid_gzip"))
-        if state.draining:
+        if state.lifecycle.stopping:
             return self._unavailable("shutting_down")
         if request.is_batch:
             return self._collect_batch(request, segment)
@@ -166,9 +160,8 @@ class Collect:
             if problem is not None and state.validate_json:
                 state.count_rejected("invalid_json")
                 return Answer(400, error_body("invalid_json", detail=problem))
-        if state.room() < 1:
+        if not state.queue.offer([Event(state.now_ms(), body, segment)]):
             return self._unavailable("queue_full")
-        state.queue.pending.append(Event(state.now_ms(), body, segment))
         self._accepted.inc()
         return ACCEPTED
 
@@ -180,10 +173,10 @@ class Collect:
                 line = line[:-1]
             if not line.strip():
                 continue
-            if len(line) > state.max_body_size:
+            if len(line) > self.max_event_bytes:
                 state.count_rejected("too_large")
                 return Answer(413, error_body(
-                    "too_large", line=number, max_bytes=state.max_body_size))
+                    "too_large", line=number, max_bytes=self.max_event_bytes))
             if state.validate_json:
                 problem = body_error(line)
                 if problem is not None:
@@ -193,12 +186,11 @@ class Collect:
         if not events:
             state.count_rejected("invalid_json")
             return Answer(400, error_body("invalid_json", detail="no_events"))
-        if len(events) > state.max_batch_events:
+        if len(events) > self.max_batch_events:
             state.count_rejected("too_large")
-            return Answer(413, error_body("too_many_events", max_events=state.max_batch_events))
-        if len(events) > state.room():
+            return Answer(413, error_body("too_many_events", max_events=self.max_batch_events))
+        if not state.queue.offer(events_of(state.now_ms(), events, segment)):
             return self._unavailable("queue_full")
-        state.queue.pending.extend(events_of(state.now_ms(), events, segment))
         self._accepted.inc(len(events))
         return Answer(202, b'{"status":"accepted","events":%d}\n' % len(events))
 
@@ -235,12 +227,7 @@ def readiness(state: IngestState) -> Answer:
     for shutdown, or with a full event queue."""
     if state.ready():
         return _READY
-    if not state.started:
-        status = "starting"
-    elif state.draining:
-        status = "draining"
-    else:
-        status = "queue_full"
+    status = "queue_full" if state.lifecycle.running else state.lifecycle.phase.value
     return Answer(503, error_body("not_ready", status=status), (_RETRY_AFTER,))
 
 
@@ -252,11 +239,13 @@ def _get_only(request: IngestRequest, answer: Callable[[], Answer]) -> Answer:
 
 class Routes:
     """The ingest listener's paths, matched exactly (`/collect`, not
-    `/collect/`); everything else is a JSON 404."""
+    `/collect/`); everything else is a JSON 404. `max_event_bytes` and
+    `max_batch_events` are `Collect`'s."""
 
-    def __init__(self, state: IngestState) -> None:
+    def __init__(self, state: IngestState, max_event_bytes: int,
+                 max_batch_events: int) -> None:
         self.state = state
-        collect = Collect(state)
+        collect = Collect(state, max_event_bytes, max_batch_events)
         self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
             b"/collect": collect,
             b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),

@@ -58,7 +58,7 @@ STORE_NAMES = ("local", "s3")
 # How an event reached the store: the uploader's first try, or a re-upload
 # from the dead-letter directory (the server's drain or `estat-dlq replay`).
 STORED_PATHS = ("upload", "dlq")
-LOOPS = ("batcher", "uploader", "dlq")
+LOOPS = ("batcher", "uploader", "dlq", "reaper")
 
 
 class _Count:

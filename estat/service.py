@@ -1,40 +1,57 @@
-"""The server as one twistd service: builds the pipeline, starts it in
-order, and stops it in one ordered chain with a deadline so nothing that was
-accepted is dropped."""
+"""The server as a twistd service tree: `build` makes the parts of the
+pipeline, `IngestService` starts them in order (listening before twistd
+gives up root) and stops them in one ordered chain with a deadline, so
+nothing that was accepted is dropped."""
 
 from __future__ import annotations
 
 import os
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from socket import AddressFamily
+from typing import Any, Callable, Optional, Sequence, cast
 
 from prometheus_client import CollectorRegistry
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
-    DeferredQueue,
-    inlineCallbacks,
+    TimeoutError,
+    maybeDeferred,
+    succeed,
 )
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorSocket,
+    IReactorTime,
+)
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 import estat
 from estat.admin import AdminSite, HealthResource, MetricsPage, ReadyResource
 from estat.auth import TokensFileError, WriteKeys
 from estat.codec import encode_batch_safely
-from estat.collect import IngestState
+from estat.collect import IngestState, Routes
 from estat.config import Settings
 from estat.dlq.spool import DeadLetterQueue
 from estat.http.channel import IngestListener
+from estat.http.limits import Limits
+from estat.lifecycle import Lifecycle
+from estat.loops import LoopService
 from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
 from estat.pipeline.batcher import Batcher
-from estat.pipeline.uploader import Uploader
+from estat.pipeline.queue import EventQueue
+from estat.pipeline.uploader import Encoder, Uploader
 from estat.signals import ignore_further_signals
 from estat.stores.base import Store
 from estat.stores.factory import make_store
@@ -67,82 +84,289 @@ def _lower_this_threads_priority() -> None:
             _log.info("encoder threads keep the process's priority: {error}", error=error)
 
 
-class IngestService(Service):
-    """Runs the listeners, batcher, uploader and dead-letter drain.
 
-    Start: thread pool, dead-letter directory, loops, then the listeners
-    (ready only once all of them listen). Stop: see `stopService`.
-    """
 
-    def __init__(self, settings: Settings, reactor: Any,
-                 registry: Optional[CollectorRegistry] = None,
-                 own_signals: bool = False,
-                 inherited_ports: Sequence[tuple[int, int]] = ()) -> None:
-        self.settings = settings
-        self.inherited_ports = inherited_ports
-        self.own_signals = own_signals
-        self.reactor = reactor
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
-        self.pool = ThreadPool(minthreads=0, maxthreads=settings.encode_threads,
-                               name="estat-encode")
-        self.queue: DeferredQueue = DeferredQueue(size=settings.event_queue_size)
-        self.write_keys = (WriteKeys.from_file(settings.auth_tokens_file)
-                           if settings.auth_tokens_file else None)
-        self.state = IngestState(self.queue, self.metrics, settings.max_body_size,
-                                 settings.validate_json,
-                                 max_batch_body_size=settings.max_batch_body_size,
-                                 max_batch_events=settings.max_batch_events,
-                                 write_keys=self.write_keys,
-                                 cors_origins=settings.cors_allowed_origins)
-        self.metrics.ready.set_function(lambda: 1 if self.state.ready() else 0)
-        self.store = self._make_store()
-        self.dlq = DeadLetterQueue(
-            settings.dlq_dir, settings.dlq_max_bytes, reactor, self.pool, self.metrics,
-            drain_interval=settings.dlq_drain_interval)
-        self.uploader = Uploader(self.store, self.dlq, self._encode, self.metrics,
-                                 settings.upload_queue_size, settings.upload_concurrency)
-        self.batcher = Batcher(reactor, self.queue, self.uploader, self.metrics,
-                               settings.batch_size, settings.batch_max_bytes,
-                               settings.flush_interval)
-        self.ingest_listener = IngestListener(
-            self.state, idle_timeout=settings.idle_timeout, reactor=reactor,
-            request_timeout=settings.request_timeout,
-            max_connections=settings.max_connections, max_headers=settings.max_headers,
-            max_header_bytes=settings.max_header_bytes)
-        self.admin_site = AdminSite({
-            b"metrics": MetricsPage(self.registry),
-            b"healthz": HealthResource(),
-            b"readyz": ReadyResource(self.state),
-        }, reactor=reactor)
-        self.ports: list[IListeningPort] = []
-        self.admin_port: Optional[IListeningPort] = None
-        self._stopping: Optional[Deferred] = None
+class IIngestReactor(IReactorCore, IReactorTime, IReactorFromThreads, IReactorSocket):
+    """What the server needs of its reactor: time for its loops and
+    deadlines, threads for encoding and file I/O, adopted sockets for a
+    worker, and `stop` for a start that fails once the reactor runs."""
 
-    def _make_store(self) -> Store:
-        return make_store(self.settings, self.reactor, self.pool, self.metrics)
 
-    def _encode(self, batch: Batch) -> "Deferred[list[EncodedObject]]":
-        settings = self.settings
+def make_encoder(settings: Settings, reactor: IReactorFromThreads, pool: ThreadPool,
+                 metrics: Metrics) -> Encoder:
+    """Encode a batch on `pool`, in a thread niced below the reactor's."""
 
-        def encode() -> list[EncodedObject]:
-            _lower_this_threads_priority()
-            with self.metrics.encode_seconds.time():
-                return encode_batch_safely(
-                    batch, validated=settings.validate_json, prefix=settings.prefix,
-                    raw_prefix=settings.raw_prefix, host_id=settings.host_id)
+    def encode(batch: Batch) -> list[EncodedObject]:
+        _lower_this_threads_priority()
+        with metrics.encode_seconds.time():
+            return encode_batch_safely(
+                batch, validated=settings.validate_json, prefix=settings.prefix,
+                raw_prefix=settings.raw_prefix, host_id=settings.host_id)
 
-        return deferToThreadPool(self.reactor, self.pool, encode)
+    return lambda batch: deferToThreadPool(reactor, pool, encode, batch)
+
+
+@dataclass
+class IngestParts:
+    """Everything the server is made of, wired together but not started."""
+
+    settings: Settings
+    reactor: IIngestReactor
+    registry: CollectorRegistry
+    metrics: Metrics
+    pool: ThreadPool
+    queue: EventQueue
+    lifecycle: Lifecycle
+    write_keys: Optional[WriteKeys]
+    state: IngestState
+    store: Store
+    dlq: DeadLetterQueue
+    uploader: Uploader
+    batcher: Batcher
+    listener: IngestListener
+    admin_site: AdminSite
+
+
+def build(settings: Settings, reactor: IIngestReactor,
+          registry: Optional[CollectorRegistry] = None, *,
+          pool: Optional[ThreadPool] = None, store: Optional[Store] = None) -> IngestParts:
+    """Make the parts for `settings` (reading AUTH_TOKENS_FILE); `pool` and
+    `store` replace the encoding thread pool and the store `make_store`
+    would pick (tests pass in-memory ones)."""
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    if pool is None:
+        pool = ThreadPool(minthreads=0, maxthreads=settings.encode_threads,
+                          name="estat-encode")
+    queue = EventQueue(settings.event_queue_size)
+    lifecycle = Lifecycle()
+    write_keys = (WriteKeys.from_file(settings.auth_tokens_file)
+                  if settings.auth_tokens_file else None)
+    state = IngestState(queue, metrics, settings.validate_json,
+                        write_keys=write_keys, cors_origins=settings.cors_allowed_origins,
+                        lifecycle=lifecycle)
+    metrics.ready.set_function(lambda: 1 if state.ready() else 0)
+    if store is None:
+        store = make_store(settings, reactor, pool, metrics)
+    dlq = DeadLetterQueue(settings.dlq_dir, settings.dlq_max_bytes, reactor, pool, metrics,
+                          drain_interval=settings.dlq_drain_interval)
+    uploader = Uploader(store, dlq, make_encoder(settings, reactor, pool, metrics), metrics,
+                        settings.upload_queue_size, settings.upload_concurrency)
+    batcher = Batcher(reactor, queue, uploader, metrics, settings.batch_size,
+                      settings.batch_max_bytes, settings.flush_interval)
+    limits = Limits(
+        max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
+        max_body_size=settings.max_body_size, max_batch_body_size=settings.max_batch_body_size,
+        request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
+        max_connections=settings.max_connections)
+    listener = IngestListener(
+        handler=Routes(state, max_event_bytes=settings.max_body_size,
+                       max_batch_events=settings.max_batch_events),
+        limits=limits, counters=state, lifecycle=lifecycle, reactor=reactor)
+    admin_site = AdminSite({
+        b"metrics": MetricsPage(registry),
+        b"healthz": HealthResource(),
+        b"readyz": ReadyResource(state),
+    }, reactor=reactor)
+    return IngestParts(settings, reactor, registry, metrics, pool, queue, lifecycle,
+                       write_keys, state, store, dlq, uploader, batcher, listener, admin_site)
+
+
+class ThreadPoolService(Service):
+    """A thread pool that runs while the service runs."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+        self.setName("pool")
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
-        if self.write_keys is None:
+
+    def stopService(self) -> None:
+        """Waits for the threads to finish what they are doing."""
+        super().stopService()
+        self.pool.stop()
+
+
+class DrainService(Service):
+    """The dead-letter drain loop: re-uploads to `store` while `is_idle()`."""
+
+    def __init__(self, dlq: DeadLetterQueue, store: Store, is_idle: Callable[[], bool]) -> None:
+        self.dlq = dlq
+        self.store = store
+        self.is_idle = is_idle
+        self.setName("dlq-drain")
+
+    def startService(self) -> None:
+        super().startService()
+        self.dlq.start_draining(self.store, self.is_idle)
+
+    def stopService(self) -> "Deferred[None]":
+        """Fires once a re-upload under way is cancelled and its tick done."""
+        super().stopService()
+        return self.dlq.stop_draining()
+
+
+class ListenerService(Service):
+    """Listens from `privilegedStartService`, so a port below 1024 is bound
+    before twistd gives up root for --uid/--gid, and stops listening in
+    `stopService`; `startService` listens if that has not happened (a
+    worker is started without the privileged step).
+
+    Twisted's StreamServerEndpointService does the same, but keeps the
+    outcome of the listen to itself and only logs a failure. Here a failure
+    that comes at once is raised (twistd then exits, saying why), and
+    `listening` fires with the port, or fails, so the server is ready only
+    once every listener listens."""
+
+    def __init__(self, name: str,
+                 listen: Callable[[], "IListeningPort | Deferred[IListeningPort]"]) -> None:
+        self.setName(name)
+        self._listen = listen
+        self.listening: Optional[Deferred[IListeningPort]] = None
+        self.port: Optional[IListeningPort] = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._start_listening()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.listening is None:
+            self._start_listening()
+
+    def _start_listening(self) -> None:
+        failed: list[Failure] = []
+
+        def listened(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            return port
+
+        def failure(reason: Failure) -> Failure:
+            failed.append(reason)
+            return reason
+
+        listening = maybeDeferred(self._listen).addCallbacks(listened, failure)
+        if failed:
+            listening.addErrback(lambda _: None)  # raised here instead
+            failed[0].raiseException()
+        self.listening = listening
+
+    def stopService(self) -> "Deferred[Any]":
+        """Stop listening, or give up a listen still under way."""
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if self.listening is not None:
+            self.listening.cancel()
+        return succeed(None)
+
+
+def endpoint_listener(name: str, reactor: IIngestReactor, description: str,
+                      factory: IProtocolFactory) -> ListenerService:
+    """A listener on a Twisted endpoint string such as `tcp:8080`."""
+    return ListenerService(
+        name, lambda: endpoints.serverFromString(reactor, description).listen(factory))
+
+
+def adopted_listener(name: str, reactor: IReactorSocket, fd: int, family: int,
+                     factory: IProtocolFactory) -> ListenerService:
+    """A listener on a socket inherited from the worker supervisor."""
+
+    def adopt() -> IListeningPort:
+        # Any protocol factory will do; the stub asks for a ServerFactory.
+        port = reactor.adoptStreamPort(fd, AddressFamily(family), cast(ServerFactory, factory))
+        # The port works on a duplicate; closing ours means stopping the
+        # port really stops this process listening.
+        os.close(fd)
+        return port
+
+    return ListenerService(name, adopt)
+
+
+class IngestService(MultiService):
+    """The listeners, batcher, uploader and dead-letter drain, as a tree:
+    thread pool, batcher loop, drain loop, admin listener, ingest listeners.
+
+    `privilegedStartService` binds every listener. `startService` starts
+    the pool, opens the dead-letter directory, starts the loops, and turns
+    the lifecycle to running (ready) once every listener listens. The stop
+    is one ordered chain, see `stopService`: a MultiService would stop its
+    children all at once."""
+
+    def __init__(self, parts: IngestParts, own_signals: bool = False,
+                 inherited_ports: Sequence[tuple[int, int]] = ()) -> None:
+        super().__init__()
+        self.parts = parts
+        self.settings = settings = parts.settings
+        self.reactor = reactor = parts.reactor
+        self.own_signals = own_signals
+        self.lifecycle = parts.lifecycle
+        self.pool_service = ThreadPoolService(parts.pool)
+        self.batcher_service: LoopService = parts.batcher.service()
+        self.drain_service = DrainService(parts.dlq, parts.store, parts.uploader.idle)
+        self.admin_listener = endpoint_listener("admin", reactor, settings.admin_listen,
+                                                parts.admin_site)
+        if inherited_ports:
+            self.ingest_listeners = [
+                adopted_listener(f"ingest-fd{fd}", reactor, fd, family, parts.listener)
+                for fd, family in inherited_ports]
+        else:
+            self.ingest_listeners = [
+                endpoint_listener(f"ingest-{number}", reactor, description, parts.listener)
+                for number, description in enumerate(settings.listen)]
+        for child in [self.pool_service, self.batcher_service, self.drain_service,
+                      self.admin_listener, *self.ingest_listeners]:
+            child.setServiceParent(self)
+        self._started: Optional[Deferred[None]] = None
+        self._stopping: Optional[Deferred[None]] = None
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener; a listen that fails is raised to twistd."""
+        try:
+            super().privilegedStartService()
+        except Exception as error:
+            _log.critical("cannot start: {error}", error=str(error))
+            raise
+
+    def startService(self) -> None:
+        Service.startService(self)  # the children start in order, in _start
+        self.pool_service.startService()
+        if self.parts.write_keys is None:
             _log.warn("no AUTH_TOKENS_FILE: anyone who can reach {listen} can write events",
                       listen=", ".join(self.settings.listen))
         if self.own_signals:
             self._reload_keys_on_sighup()
-        self._started = self._start()
+        self._started = Deferred.fromCoroutine(self._start())
+        self._started.addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        await self.parts.dlq.open()
+        self.batcher_service.startService()
+        self.drain_service.startService()
+        listeners = [self.admin_listener, *self.ingest_listeners]
+        for listener in listeners:
+            listener.startService()
+        results = await DeferredList([listener.listening for listener in listeners
+                                      if listener.listening is not None],
+                                     consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                cast(Failure, result).raiseException()
+        self.lifecycle.start_running()
+        _log.info(
+            "estat-ingest {version} ready: ingest on {listen}, admin on {admin}, "
+            "store {store}", version=estat.__version__,
+            listen=", ".join(self.settings.listen), admin=self.settings.admin_listen,
+            store=self.parts.store.describe())
+
+    def _start_failed(self, failure: Failure) -> None:
+        """Once the reactor runs, twistd no longer hears of a failure:
+        say it, and stop (the ordered stop then runs)."""
+        _log.critical("cannot start: {error}; stopping", error=failure.getErrorMessage())
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     def _reload_keys_on_sighup(self) -> None:
         import signal
@@ -155,89 +379,72 @@ class IngestService(Service):
     def reload_keys(self) -> None:
         """Re-read AUTH_TOKENS_FILE; keep the old keys if it is broken.
         (SIGHUP must never stop the server, whatever is configured.)"""
-        if self.write_keys is None:
+        write_keys = self.parts.write_keys
+        if write_keys is None:
             _log.info("SIGHUP: nothing to reload (AUTH_TOKENS_FILE is not set)")
             return
         try:
-            count = self.write_keys.reload()
+            count = write_keys.reload()
         except TokensFileError as error:
             _log.error("keeping the current write keys: {error}", error=str(error))
             return
         _log.info("reloaded {count} write keys from {path}", count=count,
-                  path=self.write_keys.path)
-
-    @inlineCallbacks
-    def _start(self):  # type: ignore[no-untyped-def]
-        try:
-            yield self.dlq.open()
-            self.batcher.start()
-            self.dlq.start_draining(self.store, self.uploader.idle)
-            self.admin_port = yield endpoints.serverFromString(
-                self.reactor, self.settings.admin_listen).listen(self.admin_site)
-            for fd, family in self.inherited_ports:
-                self.ports.append(self.reactor.adoptStreamPort(fd, family, self.ingest_listener))
-                # The port works on a duplicate; closing ours means stopping
-                # the port really stops this process listening.
-                os.close(fd)
-            for description in self.settings.listen if not self.inherited_ports else ():
-                port = yield endpoints.serverFromString(
-                    self.reactor, description).listen(self.ingest_listener)
-                self.ports.append(port)
-        except Exception as error:
-            _log.critical("cannot start: {error}; stopping", error=str(error))
-            self.reactor.stop()
-            return
-        self.state.started = True
-        _log.info(
-            "estat-ingest {version} ready: ingest on {listen}, admin on {admin}, "
-            "store {store}", version=estat.__version__,
-            listen=", ".join(self.settings.listen), admin=self.settings.admin_listen,
-            store=self.store.describe())
+                  path=write_keys.path)
 
     def stopService(self) -> "Deferred[None]":
-        super().stopService()
         if self._stopping is None:
-            self._stopping = self._stop()
+            Service.stopService(self)  # the children stop in order, in _stop
+            self._stopping = Deferred.fromCoroutine(self._stop())
         return self._stopping
 
-    @inlineCallbacks
-    def _stop(self):  # type: ignore[no-untyped-def]
+    async def _stop(self) -> None:
         """The ordered stop, bounded by SHUTDOWN_TIMEOUT:
         1. stop accepting: /readyz and /collect answer 503, the ports close;
         2. idle keep-alive connections close, busy ones get their answer;
         3. the open batch and the event queue are flushed into batches;
         4. every upload finishes; at the deadline what is left is cancelled
            and goes to the dead-letter directory instead (never dropped);
-        5. the dead-letter drain and the thread pool stop."""
-        yield self._started
+        5. the store, the admin listener and the thread pool stop."""
+        parts = self.parts
+        if self._started is not None:
+            await self._started  # a start that failed has said so
         started_at = self.reactor.seconds()
         timeout = self.settings.shutdown_timeout
-        deadline = self.reactor.callLater(timeout, self._deadline_passed)
         if self.own_signals:
             ignore_further_signals(timeout)
-        self.state.draining = True
+        self.lifecycle.start_draining()
         _log.info("stopping: no longer accepting events (deadline {timeout}s)",
                   timeout=timeout)
-        yield DeferredList([port.stopListening() for port in self.ports])
-        yield self.ingest_listener.close_connections(grace=min(5.0, timeout / 3))
-        yield self.batcher.stop()
-        queued, open_events = len(self.queue.pending), self.batcher.open_events()
-        self.batcher.flush_all()
+        await DeferredList([listener.stopService() for listener in self.ingest_listeners])
+        await parts.listener.close_connections(grace=min(5.0, timeout / 3))
+        if self.batcher_service.running:
+            await self.batcher_service.stopService()
+        queued, open_events = len(parts.queue), parts.batcher.open_events()
+        parts.batcher.flush_all()
         _log.info("flushed {events} queued events; waiting for {batches} batches to upload",
-                  events=queued + open_events, batches=self.uploader.depth())
-        yield self.dlq.stop_draining()
-        yield self.uploader.when_idle()
-        if deadline.active():
-            deadline.cancel()
-        yield self.store.close()
-        if self.admin_port is not None:
-            yield self.admin_port.stopListening()
-        self.pool.stop()
+                  events=queued + open_events, batches=parts.uploader.depth())
+        await self.drain_service.stopService()
+        await self._uploads_finished(deadline=started_at + timeout)
+        await parts.store.close()
+        await self.admin_listener.stopService()
+        self.pool_service.stopService()
+        self.lifecycle.stopped()
         _log.info("stopped in {seconds:.1f}s: every accepted event is stored or "
                   "dead-lettered", seconds=self.reactor.seconds() - started_at)
 
-    def _deadline_passed(self) -> None:
+    async def _uploads_finished(self, deadline: float) -> None:
+        """Wait for every upload; at `deadline`, cancel those under way and
+        send what is left to the dead-letter directory, then wait for that."""
+        uploader = self.parts.uploader
+        idle = uploader.when_idle()
+        idle.addTimeout(max(0.0, deadline - self.reactor.seconds()), self.reactor)
+        try:
+            await idle
+            return
+        except TimeoutError:
+            pass
         _log.warn("shutdown deadline of {seconds}s reached: cancelling uploads, "
                   "their batches go to the dead-letter directory",
                   seconds=self.settings.shutdown_timeout)
-        self.uploader.cancel_in_flight()
+        uploader.cancel_in_flight()
+        await uploader.when_idle()

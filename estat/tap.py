@@ -115,6 +115,6 @@ def makeService(options: Options) -> IService:
         from estat.workers.supervisor import WorkerSupervisor
 
         return WorkerSupervisor(options.settings, reactor_)
-    from estat.service import IngestService
+    from estat.service import IngestService, build
 
-    return IngestService(options.settings, reactor_, own_signals=True)
+    return IngestService(build(options.settings, reactor_), own_signals=True)

@@ -1,5 +1,7 @@
-"""Test helpers: free ports, polling with a deadline on the reactor, and
-real subprocesses (a moto S3 server, `twistd -n estat-ingest`)."""
+"""Test helpers: an ingest listener on an in-memory transport (with a client
+that sends raw bytes and reads the answers), a raw TCP client, free ports,
+polling with a deadline on the reactor, and real subprocesses (a moto S3
+server, `twistd -n estat-ingest`)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,24 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
+from prometheus_client import CollectorRegistry
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from estat.auth import WriteKeys
+from estat.collect import IngestState, Routes
+from estat.http.channel import IngestListener
+from estat.http.limits import Limits
+from estat.metrics import Metrics
+from estat.pipeline.queue import EventQueue
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -260,3 +275,138 @@ def make_workdir(test: Any) -> str:
     path = tempfile.mkdtemp(prefix="estat-test-")
     test.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+# An ingest listener in memory
+
+# The server's limits, but for a small single event (tests send bodies
+# just over it).
+TEST_LIMITS = Limits(max_headers=64, max_header_bytes=16 * 1024, max_body_size=1024,
+                     max_batch_body_size=1024 * 1024, request_timeout=10.0,
+                     idle_timeout=60.0, max_connections=1024)
+
+
+@dataclass
+class Listening:
+    """An ingest listener and what its tests look at."""
+
+    listener: IngestListener
+    queue: EventQueue
+    state: IngestState
+    registry: CollectorRegistry
+    clock: Clock
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value, 0 when it was never set."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 1,
+                  max_batch_events: int = 1000, write_keys: Optional[WriteKeys] = None,
+                  cors_origins: str = "", clock: Optional[Clock] = None,
+                  queue: Optional[EventQueue] = None, metrics: Optional[Metrics] = None,
+                  **changed_limits: Any) -> Listening:
+    """The ingest listener as the server wires it (its handler, state and
+    counters), with `TEST_LIMITS` changed by `changed_limits`, started as a port
+    starts it: its reaper runs on `clock`. Its lifecycle is running (ready);
+    `queue` and `metrics` are made unless given."""
+    clock = clock if clock is not None else Clock()
+    if metrics is None:
+        metrics = Metrics(CollectorRegistry(), process=False)
+    if queue is None:
+        queue = EventQueue(queue_size)
+    state = IngestState(queue, metrics, True, now_ms=now_ms, write_keys=write_keys,
+                        cors_origins=cors_origins)
+    state.lifecycle.start_running()
+    limits = replace(TEST_LIMITS, **changed_limits)
+    listener = IngestListener(
+        handler=Routes(state, max_event_bytes=limits.max_body_size,
+                       max_batch_events=max_batch_events),
+        limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock)
+    listener.doStart()
+    return Listening(listener, queue, state, metrics.registry, clock)
+
+
+class ListenerTestCase(unittest.TestCase):
+    """A test case around one listener from `make_listener`: `listen` makes
+    it and keeps its parts as attributes of the test."""
+
+    def listen(self, **options: Any) -> Listening:
+        setup = make_listener(**options)
+        self.listener, self.queue, self.state = setup.listener, setup.queue, setup.state
+        self.clock, self.metric = setup.clock, setup.metric
+        return setup
+
+
+Answers = list[tuple[int, dict[bytes, bytes], bytes]]
+
+
+class Exchange:
+    """One client connection to the listener over an in-memory transport:
+    send bytes, read the answers."""
+
+    def __init__(self, listener: IngestListener) -> None:
+        self.transport = StringTransport()
+        channel = listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        assert channel is not None
+        self.channel = channel
+        channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def send_in_pieces(self, data: bytes, cuts: list[int]) -> None:
+        """Send `data` cut at the given offsets (out of range ones ignored)."""
+        last = 0
+        for cut in sorted(set(c for c in cuts if c < len(data))):
+            self.send(data[last:cut])
+            last = cut
+        self.send(data[last:])
+
+    def send_and_read(self, data: bytes) -> Answers:
+        self.send(data)
+        return self.responses()
+
+    def responses(self) -> Answers:
+        """Parse every complete response written so far."""
+        return self.parse(self.transport.value())
+
+    @staticmethod
+    def parse(data: bytes) -> Answers:
+        """(status, lowercased headers, body) of each response in `data`."""
+        out = []
+        while data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            code = int(lines[0].split(b" ")[1])
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get(b"content-length", b"0"))
+            out.append((code, headers, rest[:length]))
+            data = rest[length:]
+        return out
+
+
+def post_bytes(body: bytes, content_type: bytes = b"application/json",
+               path: bytes = b"/collect", extra: bytes = b"") -> bytes:
+    """A whole POST request; `extra` is more header lines, each with its CRLF."""
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (path, content_type, len(body), extra, body))
+
+
+class RawClient(Protocol):
+    """A TCP client that keeps every byte it receives; `closed` fires when
+    the connection is lost."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closed.callback(None)

@@ -208,7 +208,7 @@ class LabelledCountersStartAtZero(unittest.TestCase):
             for reason in ("timeout", "connection", "credentials", "io_error"):
                 self.assertIn({"store": store, "reason": reason},
                               exported["estat_store_failures_total"])
-        for loop in ("batcher", "uploader", "dlq"):
+        for loop in ("batcher", "uploader", "dlq", "reaper"):
             self.assertIn({"loop": loop}, exported["estat_loop_errors_total"])
 
 

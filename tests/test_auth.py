@@ -6,19 +6,12 @@ import gzip
 import json
 import os
 
-from prometheus_client import CollectorRegistry
-from twisted.internet.defer import DeferredQueue
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.auth import TokensFileError, WriteKeys, parse_tokens, read_tokens_file
 from estat.codec import encode_batch
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
-from estat.metrics import Metrics
 from estat.model import Batch
-from tests.support import make_workdir
-from tests.test_web import Exchange, post_bytes
+from tests.support import Exchange, ListenerTestCase, make_workdir, post_bytes
 
 KEY_A = "a" * 20 + "-key-web"
 KEY_B = "b" * 20 + "-key-batch"
@@ -79,19 +72,14 @@ class TokensFileTests(unittest.TestCase):
         self.assertEqual(keys.writer_for(None, new_key.encode())[0].name, "rotated")
 
 
-class AuthenticatedCollectTests(unittest.TestCase):
+class AuthenticatedCollectTests(ListenerTestCase):
     def setUp(self) -> None:
-        self.registry = CollectorRegistry()
-        metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=10)
-        self.state = IngestState(self.queue, metrics, 1024, True, now_ms=lambda: 7,
-                                 write_keys=WriteKeys("x", parse_tokens(TOKENS)),
-                                 cors_origins="https://app.example, https://b.example")
-        self.state.started = True
-        self.site = IngestListener(self.state, reactor=Clock())
+        self.listen(queue_size=10, now_ms=lambda: 7,
+                    write_keys=WriteKeys("x", parse_tokens(TOKENS)),
+                    cors_origins="https://app.example, https://b.example")
 
     def one(self, raw: bytes):
-        [answer] = Exchange(self.site).send_and_read(raw)
+        [answer] = Exchange(self.listener).send_and_read(raw)
         return answer
 
     def test_missing_or_wrong_key_is_401_and_counted(self):
@@ -101,10 +89,9 @@ class AuthenticatedCollectTests(unittest.TestCase):
         self.assertIn(b"Bearer", headers[b"www-authenticate"])
         code, _, body = self.one(post_bytes(b'{"a":1}', extra=b"X-Write-Key: wrong-wrong-wrong\r\n"))
         self.assertEqual((code, json.loads(body)["detail"]), (401, "invalid_key"))
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
         for reason in ("auth_missing", "auth_invalid"):
-            self.assertEqual(self.registry.get_sample_value(
-                "estat_events_rejected_total", {"reason": reason}), 1)
+            self.assertEqual(self.metric("estat_events_rejected_total", reason=reason), 1)
 
     def test_valid_keys_queue_events_with_their_writer_segment(self):
         code, _, _ = self.one(post_bytes(b'{"a":1}', extra=b"Authorization: Bearer %s\r\n"
@@ -113,9 +100,9 @@ class AuthenticatedCollectTests(unittest.TestCase):
         code, _, _ = self.one(post_bytes(b'{"b":1}\n{"b":2}\n', b"application/x-ndjson",
                                          extra=b"X-Write-Key: %s\r\n" % KEY_B.encode()))
         self.assertEqual(code, 202)
-        self.assertEqual(self.queue.pending,
+        self.assertEqual(list(self.queue),
                          [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}', ""), (7, b'{"b":2}', "")])
-        objects = encode_batch(Batch(list(self.queue.pending), 0, "ID", "size"), validated=True,
+        objects = encode_batch(Batch(list(self.queue), 0, "ID", "size"), validated=True,
                                prefix="raw", raw_prefix="raw_dlq", host_id="h")
         keys = {o.key: [json.loads(l)["body"] for l in gzip.decompress(o.data).splitlines()]
                 for o in objects}

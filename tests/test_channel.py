@@ -5,37 +5,31 @@ raw bytes over an in-memory transport and a Clock."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from estat.collect import IngestState
 from estat.http.channel import IngestListener
-from estat.metrics import Metrics
-from tests.test_web import Exchange, post_bytes
+from estat.http.request import IngestRequest
+from estat.http.response import Answer, raw_error, response
+from estat.lifecycle import Lifecycle
+from tests.support import TEST_LIMITS, Exchange, ListenerTestCase, post_bytes
 
 
-class ChannelTests(unittest.TestCase):
+class ChannelTests(ListenerTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.registry = CollectorRegistry()
-        self.queue: DeferredQueue = DeferredQueue(size=100)
-        self.state = IngestState(self.queue, Metrics(self.registry, process=False), 1024, True,
-                                 now_ms=lambda: 1)
-        self.state.started = True
-        self.listener = IngestListener(self.state, reactor=self.clock, idle_timeout=30,
-                                       request_timeout=10, max_header_bytes=512, max_headers=8)
+        self.listen(idle_timeout=30, request_timeout=10, max_header_bytes=512, max_headers=8)
 
     def test_pipelined_requests_are_answered_in_order_in_one_write(self):
         client = Exchange(self.listener)
         client.send(post_bytes(b'{"n":1}') + b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
                     + post_bytes(b"[2]") + post_bytes(b'{"n":3}'))
         self.assertEqual([code for code, _, _ in client.responses()], [202, 404, 400, 202])
-        self.assertEqual([event.body for event in self.queue.pending], [b'{"n":1}', b'{"n":3}'])
+        self.assertEqual([event.body for event in list(self.queue)], [b'{"n":1}', b'{"n":3}'])
         self.assertFalse(client.transport.disconnecting)
 
     def test_every_answer_has_a_date_and_a_length(self):
@@ -62,7 +56,7 @@ class ChannelTests(unittest.TestCase):
         [(code, headers, _)] = client.responses()
         self.assertEqual((code, headers[b"connection"]), (202, b"close"))
         self.assertTrue(client.transport.disconnecting)
-        self.assertEqual(len(self.queue.pending), 1)
+        self.assertEqual(len(list(self.queue)), 1)
 
     def test_100_continue_is_sent_for_a_body_within_the_limit(self):
         client = Exchange(self.listener)
@@ -121,7 +115,7 @@ class ChannelTests(unittest.TestCase):
     def test_open_connections_gauge_counts_connections(self):
         clients = [Exchange(self.listener) for _ in range(3)]
         clients[0].channel.connectionLost(None)
-        self.assertEqual(self.registry.get_sample_value("estat_open_connections"), 2)
+        self.assertEqual(self.metric("estat_open_connections"), 2)
 
     def test_a_client_that_does_not_take_its_last_answer_is_aborted(self):
         client = Exchange(self.listener)
@@ -162,3 +156,124 @@ class ChannelTests(unittest.TestCase):
         self.assertEqual(answers, count)
         self.assertEqual(transport.producerState, "producing")
         self.assertFalse(transport.disconnecting)
+
+
+class _Counts:
+    """Counters that remember what the listener reported."""
+
+    def __init__(self) -> None:
+        self.responses: list[int] = []
+        self.rejected: list[str] = []
+        self.open_connections = lambda: -1
+        self.loop_errors = Counter("loop_errors", "", ["loop"], registry=CollectorRegistry())
+
+    def count_response(self, code: int) -> None:
+        self.responses.append(code)
+
+    def count_rejected(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    def gauge_connections(self, count) -> None:
+        self.open_connections = count
+
+
+class _BrokenChannel:
+    """A channel whose reap raises, as a bug in it would."""
+
+    def reap(self, now: float) -> None:
+        raise RuntimeError("reap failed")
+
+
+class ListenerTests(unittest.TestCase):
+    """The listener is the protocol only: it answers with the handler it is
+    given, within the limits it is given, and reports to its counters."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.counts = _Counts()
+        self.seen: list[IngestRequest] = []
+
+        def handler(request: IngestRequest) -> Answer:
+            self.seen.append(request)
+            return Answer(201, b'{"made":true}\n', ((b"x-handler", b"yes"),))
+
+        limits = replace(TEST_LIMITS, max_body_size=8, request_timeout=4)
+        self.lifecycle = Lifecycle()
+        self.listener = IngestListener(handler=handler, limits=limits, counters=self.counts,
+                                       lifecycle=self.lifecycle, reactor=self.clock)
+
+    def test_answers_with_the_injected_handler_and_counts(self):
+        self.listener.doStart()
+        client = Exchange(self.listener)
+        [(code, headers, body)] = client.send_and_read(post_bytes(b"{}", path=b"/anything"))
+        self.assertEqual((code, headers[b"x-handler"], body), (201, b"yes", b'{"made":true}\n'))
+        [request] = self.seen
+        self.assertEqual((request.method, request.path, request.body), (b"POST", b"/anything", b"{}"))
+        client.send(post_bytes(b"{" + b" " * 8 + b"}"))
+        self.assertEqual([code for code, _, _ in client.responses()], [201, 413])
+        self.assertEqual(len(self.seen), 1)
+        self.assertEqual((self.counts.responses, self.counts.rejected), ([201, 413], ["too_large"]))
+        self.assertEqual(self.counts.open_connections(), 1)
+
+    def test_the_reaper_runs_from_start_to_stop_of_the_factory(self):
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        client = Exchange(self.listener)
+        client.send(b"POST /collect HTTP/1.1\r\n")
+        self.clock.advance(10)
+        self.assertEqual(client.responses(), [])  # not started: nothing reaps
+        self.listener.doStart()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)  # the request began 11 s ago: over the timeout of 4
+        self.assertEqual([code for code, _, _ in client.responses()], [408])
+        self.listener.doStop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_failing_reap_is_counted_and_the_reaper_goes_on(self):
+        self.listener.doStart()
+        self.listener.channels.add(_BrokenChannel())  # type: ignore[arg-type]
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(self.counts.loop_errors.labels(loop="reaper")._value.get(), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # still scheduled
+        self.listener.doStop()
+
+    def test_close_connections_leaves_no_timer_once_they_are_gone(self):
+        busy = Exchange(self.listener)
+        busy.send(b"POST /collect HTTP/1.1\r\n")
+        idle = Exchange(self.listener)
+        closed = self.listener.close_connections(grace=5)
+        self.assertTrue(idle.transport.disconnecting)
+        self.assertFalse(busy.transport.disconnecting)
+        idle.channel.connectionLost(None)
+        self.assertNoResult(closed)
+        busy.channel.connectionLost(None)
+        self.successResultOf(closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_connections_aborts_what_is_left_after_the_grace(self):
+        busy = Exchange(self.listener)
+        busy.send(b"POST /collect HTTP/1.1\r\n")
+        closed = self.listener.close_connections(grace=5)
+        self.clock.advance(4.9)
+        self.assertFalse(busy.transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(busy.transport.disconnected)  # aborted
+        self.assertNoResult(closed)  # until the connection is really gone
+        busy.channel.connectionLost(None)
+        self.assertIsNone(self.successResultOf(closed))
+
+
+class ResponseTests(unittest.TestCase):
+    def test_a_204_has_no_length_and_head_no_body(self):
+        no_content = response(204, b"", ((b"allow", b"POST"),))
+        self.assertNotIn(b"Content-Length", no_content)
+        self.assertTrue(no_content.endswith(b"allow: POST\r\n\r\n"))
+        head = response(200, b'{"status":"ok"}\n', close=True, head_only=True)
+        self.assertIn(b"Content-Length: 16\r\nConnection: close\r\n\r\n", head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"))
+
+    def test_an_error_closes_and_names_the_error(self):
+        [(code, headers, body)] = Exchange.parse(raw_error(431, "headers_too_large", max_headers=5))
+        self.assertEqual((code, headers[b"connection"]), (431, b"close"))
+        self.assertEqual(json.loads(body), {"error": "headers_too_large", "max_headers": 5})

@@ -4,41 +4,18 @@ never finishes is cut off after the grace period."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
-from estat.metrics import Metrics
-from tests.support import poll_until
+from tests.support import ListenerTestCase, RawClient, make_listener, poll_until
 
 
-class RawClient(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed: Deferred[None] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.closed.callback(None)
-
-
-class CloseConnectionsTests(unittest.TestCase):
+class CloseConnectionsTests(ListenerTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        metrics = Metrics(CollectorRegistry(), process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=10)
-        self.state = IngestState(self.queue, metrics, 1024, True)
-        self.state.started = True
-        self.site = IngestListener(self.state, reactor=self.clock)
-        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.listen(queue_size=10)
+        self.port = reactor.listenTCP(0, self.listener, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
 
     @inlineCallbacks
@@ -58,11 +35,11 @@ class CloseConnectionsTests(unittest.TestCase):
         busy = yield self.connect()
         busy.transport.write(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
                              b"Content-Type: application/json\r\n\r\n{\"a\"")
-        yield poll_until(lambda: len(self.site.channels) == 2
-                         and not all(c.idle() for c in self.site.channels), 10,
+        yield poll_until(lambda: len(self.listener.channels) == 2
+                         and not all(c.idle() for c in self.listener.channels), 10,
                          what="the busy request to arrive")
-        self.state.draining = True
-        all_closed = self.site.close_connections(grace=5)
+        self.state.lifecycle.start_draining()
+        all_closed = self.listener.close_connections(grace=5)
         yield idle.closed
         self.assertNoResult(all_closed)
         busy.transport.write(b":2}")
@@ -70,22 +47,22 @@ class CloseConnectionsTests(unittest.TestCase):
         yield all_closed
         self.assertIn(b"503 Service Unavailable", busy.data)
         self.assertIn(b"shutting_down", busy.data)
-        self.assertEqual([event.body for event in self.queue.pending], [b'{"a":1}'])
+        self.assertEqual([event.body for event in list(self.queue)], [b'{"a":1}'])
 
     @inlineCallbacks
     def test_a_client_that_never_finishes_is_aborted_after_the_grace(self):
         slow = yield self.connect()
         slow.transport.write(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{")
-        yield poll_until(lambda: self.site.channels and
-                         not all(c.idle() for c in self.site.channels), 10,
+        yield poll_until(lambda: self.listener.channels and
+                         not all(c.idle() for c in self.listener.channels), 10,
                          what="the slow request to arrive")
-        all_closed = self.site.close_connections(grace=5)
+        all_closed = self.listener.close_connections(grace=5)
         self.clock.advance(4.9)
         self.assertNoResult(all_closed)
         self.clock.advance(0.2)
         yield all_closed
         yield slow.closed
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
 
 class ProxyProtocolTests(unittest.TestCase):
@@ -96,10 +73,8 @@ class ProxyProtocolTests(unittest.TestCase):
     def test_requests_after_a_proxy_header_are_served(self):
         from twisted.internet import endpoints
 
-        queue: DeferredQueue = DeferredQueue(size=10)
-        state = IngestState(queue, Metrics(CollectorRegistry(), process=False), 1024, True)
-        state.started = True
-        listener = IngestListener(state)
+        setup = make_listener(queue_size=10)
+        listener, queue = setup.listener, setup.queue
         port = yield endpoints.serverFromString(
             reactor, "haproxy:tcp:0:interface=127.0.0.1").listen(listener)
         self.addCleanup(port.stopListening)
@@ -113,5 +88,5 @@ class ProxyProtocolTests(unittest.TestCase):
                                + request % 1 + request % 2)
         yield poll_until(lambda: client.data.count(b"202 Accepted") == 2, 10,
                          what="two answers through the PROXY wrapper")
-        self.assertEqual([event.body for event in queue.pending], [b'{"a":1}', b'{"a":2}'])
+        self.assertEqual([event.body for event in list(queue)], [b'{"a":1}', b'{"a":2}'])
         self.assertEqual(len(listener.channels), 1)

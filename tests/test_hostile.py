@@ -7,43 +7,32 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import DeferredQueue, inlineCallbacks
-from twisted.internet.task import Clock
+from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from estat.codec import encode_batch
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
-from estat.metrics import Metrics
 from estat.model import Batch
-from tests.support import poll_until
-from tests.test_connections import RawClient
-from tests.test_web import Exchange, post_bytes
+from tests.support import (
+    Exchange,
+    ListenerTestCase,
+    RawClient,
+    make_listener,
+    poll_until,
+    post_bytes,
+)
 
 
-def make_site(clock, **limits):
-    registry = CollectorRegistry()
-    queue: DeferredQueue = DeferredQueue(size=100)
-    state = IngestState(queue, Metrics(registry, process=False), 1024, True, now_ms=lambda: 1)
-    state.started = True
-    return IngestListener(state, reactor=clock, **limits), queue, registry
-
-
-class LimitTests(unittest.TestCase):
+class LimitTests(ListenerTestCase):
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.site, self.queue, self.registry = make_site(
-            self.clock, request_timeout=10, max_headers=5, max_header_bytes=512,
-            max_connections=3)
+        self.listen(request_timeout=10, max_headers=5, max_header_bytes=512, max_connections=3)
 
     def rejected(self, reason):
-        return self.registry.get_sample_value("estat_events_rejected_total", {"reason": reason})
+        return self.metric("estat_events_rejected_total", reason=reason)
 
     def test_a_request_must_arrive_within_the_timeout_even_when_trickled(self):
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         request = post_bytes(b'{"a":1}')
         for i in range(9):
             client.send(request[i:i + 1])
@@ -57,7 +46,7 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(self.rejected("request_timeout"), 1)
 
     def test_idle_keep_alive_connection_is_not_a_slow_request(self):
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         client.send(post_bytes(b'{"a":1}'))
         self.clock.advance(30)
         self.assertEqual([r[0] for r in client.responses()], [202])
@@ -69,31 +58,31 @@ class LimitTests(unittest.TestCase):
         many = b"".join(b"X-H%d: v\r\n" % i for i in range(6))
         big = b"X-Big: " + b"v" * 600 + b"\r\n"
         for extra in (many, big):
-            client = Exchange(self.site)
+            client = Exchange(self.listener)
             client.send(post_bytes(b'{"a":1}', extra=extra))
             [(code, _, body)] = client.responses()
             self.assertEqual((code, json.loads(body)["error"]), (431, "headers_too_large"))
             self.assertTrue(client.transport.disconnecting)
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         client.send(b"POST /" + b"c" * 1000 + b" HTTP/1.1\r\n")
         [(code, _, _)] = client.responses()
         self.assertEqual(code, 431)
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_malformed_requests_get_a_json_400(self):
         for raw in (b"POST /collect HTTP/1.1\r\nContent-Length: x\r\n\r\n",
                     b"GARBAGE\r\n\r\n",
                     b"POST /collect HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
-            client = Exchange(self.site)
+            client = Exchange(self.listener)
             client.send(raw)
             [(code, _, body)] = client.responses()
             self.assertEqual((code, json.loads(body)), (400, {"error": "bad_request"}), raw)
 
     def test_connections_over_the_limit_get_503_and_are_closed(self):
-        clients = [Exchange(self.site) for _ in range(3)]
+        clients = [Exchange(self.listener) for _ in range(3)]
         from twisted.internet.testing import StringTransport
 
-        extra = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        extra = self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         extra.makeConnection(transport)
         self.assertIn(b"503 Service Unavailable", transport.value())
@@ -110,8 +99,9 @@ class SlowlorisTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_normal_client_served_while_slow_clients_trickle(self):
-        site, queue, _ = make_site(reactor, request_timeout=10)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        setup = make_listener(request_timeout=10)
+        queue = setup.queue
+        port = reactor.listenTCP(0, setup.listener, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -130,7 +120,7 @@ class SlowlorisTests(unittest.TestCase):
             normal.transport.write(post_bytes(b'{"n":%d}' % i))
         yield poll_until(lambda: normal.data.count(b"202 Accepted") == 20, 5,
                          what="the normal client's 20 answers")
-        self.assertEqual(len(queue.pending), 20)
+        self.assertEqual(len(list(queue)), 20)
         self.assertTrue(all(client.data == b"" for client in slow))
 
 
@@ -146,22 +136,23 @@ class RequestPathProperties(unittest.TestCase):
                                   b"application/x-www-form-urlencoded"]),
            chunked=st.booleans(), cuts=st.lists(st.integers(0, 400), max_size=6))
     def test_any_body_any_split(self, body, ctype, chunked, cuts):
-        site, queue, _ = make_site(Clock())
+        setup = make_listener()
+        listener, queue = setup.listener, setup.queue
         if chunked:
             raw = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
                    b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
                    % (ctype, len(body), body)) if body else post_bytes(body, ctype)
         else:
             raw = post_bytes(body, ctype)
-        client = Exchange(site)
+        client = Exchange(listener)
         client.send_in_pieces(raw, cuts)
         [(code, _, answer)] = client.responses()
         self.assertIn(code, (202, 400, 413, 415), answer)
         self.assertIn("status" if code == 202 else "error", json.loads(answer))
         self.assertEqual(self.flushLoggedErrors(), [])
         if code == 202:
-            self.assertTrue(queue.pending)
-            events = list(queue.pending)
+            self.assertTrue(list(queue))
+            events = list(queue)
             if ctype != b"application/x-ndjson":
                 self.assertEqual(events, [(1, body, "")])
             [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
@@ -172,7 +163,7 @@ class RequestPathProperties(unittest.TestCase):
             self.assertEqual([json.loads(l)["body"] for l in lines],
                              [json.loads(e.body) for e in events])
         else:
-            self.assertEqual(queue.pending, [])
+            self.assertEqual(list(queue), [])
 
 
 class ArbitraryBytesProperties(unittest.TestCase):
@@ -188,9 +179,9 @@ class ArbitraryBytesProperties(unittest.TestCase):
         b'{"a":1}', b"7\r\n{\"a\":1}\r\n0\r\n\r\n"]), max_size=12),
         noise=st.binary(max_size=40), cuts=st.lists(st.integers(0, 300), max_size=5))
     def test_never_raises_and_answers_whole_responses(self, head, noise, cuts):
-        site, queue, _ = make_site(Clock(), max_headers=8, max_header_bytes=256)
+        listener = make_listener(max_headers=8, max_header_bytes=256).listener
         raw = b"".join(head) + noise
-        client = Exchange(site)
+        client = Exchange(listener)
         client.send_in_pieces(raw, cuts)
         out = client.transport.value().replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
         for code, headers, body in Exchange.parse(out):

@@ -7,19 +7,17 @@ import gzip
 import json
 
 from prometheus_client import CollectorRegistry
-from twisted.internet.defer import DeferredQueue
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
 from estat.metrics import Metrics
 from estat.model import Event
 from estat.pipeline.batcher import Batcher
+from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Uploader
 from estat.stores.base import PermanentStoreError, RetryableStoreError
 from tests.fakes import FakeStore, RecordingSpool, sync_encoder
-from tests.test_web import Exchange, post_bytes
+from tests.support import Exchange, make_listener, post_bytes
 
 
 class PipelineTests(unittest.TestCase):
@@ -28,15 +26,16 @@ class PipelineTests(unittest.TestCase):
         self.clock = Clock()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=queue_size)
+        self.queue = EventQueue(queue_size)
         self.store = store or FakeStore()
         self.spool = RecordingSpool()
         self.uploader = Uploader(self.store, self.spool, sync_encoder(validated), self.metrics,
                                  upload_queue_size, concurrency)
         self.batcher = Batcher(self.clock, self.queue, self.uploader, self.metrics,
                                batch_size, batch_max_bytes, flush_interval)
-        self.batcher.start()
-        self.addCleanup(self.batcher.stop)
+        loop = self.batcher.service()
+        loop.startService()
+        self.addCleanup(loop.stopService)
 
     def metric(self, name, **labels):
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -44,7 +43,7 @@ class PipelineTests(unittest.TestCase):
     def put(self, n, start=0, size=0):
         for i in range(start, start + n):
             body = json.dumps({"n": i, "pad": "x" * size}).encode()
-            self.queue.put(Event(1700000000000 + i, body))
+            self.queue.offer([Event(1700000000000 + i, body)])
 
     def stored_numbers(self):
         numbers = []
@@ -96,12 +95,11 @@ class PipelineTests(unittest.TestCase):
     def test_backpressure_chain_ends_in_503_and_recovers(self):
         self.build(batch_size=2, queue_size=4, upload_queue_size=1, concurrency=1,
                    store=FakeStore(manual=True))
-        state = IngestState(self.queue, self.metrics, 1000, True)
-        state.started = True
-        site = IngestListener(state, reactor=self.clock)
+        setup = make_listener(clock=self.clock, queue=self.queue, metrics=self.metrics)
+        state = setup.state
         codes = []
         for i in range(12):
-            [(code, _, _)] = Exchange(site).send_and_read(post_bytes(b'{"n":%d}' % i))
+            [(code, _, _)] = Exchange(setup.listener).send_and_read(post_bytes(b'{"n":%d}' % i))
             codes.append(code)
             self.clock.advance(0.05)
         # 1 batch uploading + 1 queued + 1 full open batch + 4 in the event queue
@@ -113,7 +111,7 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 2)
         self.assertFalse(state.ready())
         # S3 recovers: everything accepted is stored, in order, once.
-        while self.store.pending or self.queue.pending or self.batcher.open_events():
+        while self.store.pending or len(self.queue) or self.batcher.open_events():
             self.store.finish_all()
             self.clock.advance(5)
         self.assertEqual(self.stored_numbers(), list(range(10)))
@@ -135,7 +133,7 @@ class PipelineTests(unittest.TestCase):
         self.build(batch_size=2, upload_queue_size=1, store=FakeStore(manual=True))
         self.put(7)
         self.batcher.flush_all()
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
         self.assertEqual(self.metric("estat_batches_flushed_total", trigger="shutdown"), 1)
         idle = self.uploader.when_idle()
         self.assertNoResult(idle)
@@ -156,15 +154,22 @@ class PipelineTests(unittest.TestCase):
         self.flushLoggedErrors()
 
     def test_a_failing_tick_is_counted_and_the_loop_goes_on(self):
-        self.build()
-        self.queue.pending.append(42)  # type: ignore[arg-type]
+        self.build(batch_size=1)
+        submit = self.uploader.submit
+
+        def broken(batch):
+            self.uploader.submit = submit
+            raise TypeError("a bug")
+
+        self.uploader.submit = broken
+        self.put(1)
         self.clock.advance(0.05)
         self.assertEqual(self.metric("estat_loop_errors_total", loop="batcher"), 1)
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
-        self.queue.pending.clear()
-        self.put(5)
+        self.assertEqual(self.store.stored, {})
+        self.put(5, start=1)
         self.clock.advance(0.05)
-        self.assertEqual(self.stored_numbers(), list(range(5)))
+        self.assertEqual(self.stored_numbers(), list(range(1, 6)))
 
     def test_permanent_error_also_spools(self):
         error = PermanentStoreError(

@@ -1,90 +1,23 @@
-"""The /collect resource and its bounded request, driven with raw HTTP
-bytes over an in-memory transport (no sockets)."""
+"""The /collect handler and the health endpoints, behind the ingest
+listener and its bounded request, driven with raw HTTP bytes over an
+in-memory transport (no sockets)."""
 
 from __future__ import annotations
 
 import json
 
-from prometheus_client import CollectorRegistry
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import DeferredQueue
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.trial import unittest
-
-from estat.collect import IngestState
-from estat.http.channel import IngestListener
 from estat.http.request import IngestRequest
-from estat.metrics import Metrics
+from estat.lifecycle import Lifecycle
 from estat.model import Event
+from tests.support import Exchange, ListenerTestCase, post_bytes
 
 
-class Exchange:
-    """One client connection to the site: send bytes, read the answers."""
-
-    def __init__(self, site: IngestListener) -> None:
-        self.transport = StringTransport()
-        self.channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-        self.channel.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        self.channel.dataReceived(data)
-
-    def send_in_pieces(self, data: bytes, cuts: list[int]) -> None:
-        """Send `data` cut at the given offsets (out of range ones ignored)."""
-        last = 0
-        for cut in sorted(set(c for c in cuts if c < len(data))):
-            self.send(data[last:cut])
-            last = cut
-        self.send(data[last:])
-
-    def send_and_read(self, data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        self.send(data)
-        return self.responses()
-
-    def responses(self) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        """Parse every complete response written so far."""
-        return self.parse(self.transport.value())
-
-    @staticmethod
-    def parse(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        out = []
-        while data:
-            head, _, rest = data.partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            code = int(lines[0].split(b" ")[1])
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower()] = value.strip()
-            length = int(headers.get(b"content-length", b"0"))
-            out.append((code, headers, rest[:length]))
-            data = rest[length:]
-        return out
-
-
-def post_bytes(body: bytes, content_type: bytes = b"application/json",
-               path: bytes = b"/collect", extra: bytes = b"") -> bytes:
-    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (path, content_type, len(body), extra, body))
-
-
-class CollectTests(unittest.TestCase):
+class CollectTests(ListenerTestCase):
     def setUp(self) -> None:
-        self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=3)
-        self.state = IngestState(self.queue, self.metrics, max_body_size=64,
-                                 validate_json=True, now_ms=lambda: 1700000000123)
-        self.state.started = True
-        self.site = IngestListener(self.state, reactor=Clock())
-
-    def metric(self, name: str, **labels: str) -> float:
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        self.listen(queue_size=3, max_body_size=64, now_ms=lambda: 1700000000123)
 
     def exchange(self, *requests: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         for request in requests:
             client.send(request)
         return client.responses()
@@ -95,14 +28,14 @@ class CollectTests(unittest.TestCase):
         self.assertEqual(code, 202)
         self.assertEqual(json.loads(answer), {"status": "accepted"})
         self.assertEqual(headers[b"content-type"], b"application/json")
-        self.assertEqual(self.queue.pending, [(1700000000123, body, "")])
+        self.assertEqual(list(self.queue), [(1700000000123, body, "")])
         self.assertEqual(self.metric("estat_events_accepted_total"), 1)
         self.assertEqual(self.metric("estat_http_requests_total", code="202"), 1)
 
     def test_keep_alive_connection_serves_several_requests(self):
         answers = self.exchange(post_bytes(b'{"a":1}') + post_bytes(b'{"a":2}'))
         self.assertEqual([a[0] for a in answers], [202, 202])
-        self.assertEqual([event.body for event in self.queue.pending], [b'{"a":1}', b'{"a":2}'])
+        self.assertEqual([event.body for event in list(self.queue)], [b'{"a":1}', b'{"a":2}'])
 
     def test_rejects_what_is_not_one_json_object(self):
         for body in [b"", b"nope", b"[1,2]", b'"text"', b"3", b'{"a":NaN}',
@@ -110,7 +43,7 @@ class CollectTests(unittest.TestCase):
                      '{"a":1}'.encode("utf-16"), b'\xef\xbb\xbf{"a":1}', b'{"a":1']:
             [(code, _, answer)] = self.exchange(post_bytes(body))
             self.assertEqual((code, json.loads(answer)["error"]), (400, "invalid_json"), body)
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
         self.assertEqual(self.metric("estat_events_rejected_total", reason="invalid_json"), 12)
 
     def test_body_at_the_limit_is_accepted(self):
@@ -120,7 +53,7 @@ class CollectTests(unittest.TestCase):
         self.assertEqual(code, 202)
 
     def test_declared_length_over_the_limit_is_refused_before_the_body(self):
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
         [(code, headers, answer)] = client.responses()
@@ -129,17 +62,17 @@ class CollectTests(unittest.TestCase):
         self.assertNotIn(b"100 Continue", client.transport.value())
         self.assertTrue(client.transport.disconnecting)
         client.send(b"x" * 1000)  # whatever still arrives is ignored
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
         self.assertEqual(self.metric("estat_events_rejected_total", reason="too_large"), 1)
         self.assertEqual(self.metric("estat_http_requests_total", code="413"), 1)
 
     def test_over_limit_body_in_the_same_packet_is_not_processed(self):
         [(code, _, _)] = self.exchange(post_bytes(b'{"p":"' + b"x" * 100 + b'"}'))
         self.assertEqual(code, 413)
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_chunked_body_growing_past_the_limit_is_cut_off(self):
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n")
         client.send(b"20\r\n" + b"{" + b" " * 31 + b"\r\n")
@@ -149,14 +82,14 @@ class CollectTests(unittest.TestCase):
         self.assertEqual((code, json.loads(answer)["error"]), (413, "too_large"))
         self.assertTrue(client.transport.disconnecting)
         client.send(b"0\r\n\r\n")
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_chunked_body_within_the_limit_is_accepted(self):
         [(code, _, _)] = self.exchange(
             b"POST /collect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n")
         self.assertEqual(code, 202)
-        self.assertEqual(self.queue.pending[0].body, b'{"a":1}')
+        self.assertEqual(list(self.queue)[0].body, b'{"a":1}')
 
     def test_multipart_and_real_forms_are_unsupported_but_curl_json_is_accepted(self):
         multipart = (b"--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--b--\r\n")
@@ -166,7 +99,7 @@ class CollectTests(unittest.TestCase):
             post_bytes(b'{"event":"x"}', b"application/x-www-form-urlencoded"))
         self.assertEqual([a[0] for a in answers], [415, 415, 202])
         self.assertEqual(json.loads(answers[0][2])["error"], "unsupported_media_type")
-        self.assertEqual(self.queue.pending[0].body, b'{"event":"x"}')
+        self.assertEqual(list(self.queue)[0].body, b'{"event":"x"}')
         self.assertEqual(
             self.metric("estat_events_rejected_total", reason="unsupported_media_type"), 2)
 
@@ -179,22 +112,22 @@ class CollectTests(unittest.TestCase):
         self.assertEqual([a[0] for a in answers], [405, 404, 404, 404])
         self.assertEqual(answers[0][1][b"allow"], b"POST, OPTIONS")
         self.assertEqual(json.loads(answers[1][2]), {"error": "not_found"})
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_full_queue_answers_503_with_retry_after_at_once(self):
         answers = self.exchange(*[post_bytes(b'{"n":%d}' % i) for i in range(5)])
         self.assertEqual([a[0] for a in answers], [202, 202, 202, 503, 503])
         self.assertEqual(answers[3][1][b"retry-after"], b"1")
         self.assertEqual(json.loads(answers[3][2]), {"error": "queue_full"})
-        self.assertEqual(len(self.queue.pending), 3)
+        self.assertEqual(len(list(self.queue)), 3)
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 2)
 
     def test_draining_server_answers_503_shutting_down(self):
-        self.state.draining = True
+        self.state.lifecycle.start_draining()
         [(code, headers, answer)] = self.exchange(post_bytes(b'{"a":1}'))
         self.assertEqual((code, json.loads(answer)["error"]), (503, "shutting_down"))
         self.assertIn(b"retry-after", headers)
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_unexpected_error_is_a_json_500_without_traceback(self):
         def broken():
@@ -211,14 +144,13 @@ class CollectTests(unittest.TestCase):
         answers = self.exchange(get % b"healthz", get % b"readyz")
         self.assertEqual([a[0] for a in answers], [200, 200])
         for _ in range(3):
-            self.queue.put(Event(1, b"{}"))
+            self.queue.offer([Event(1, b"{}")])
         self.assertEqual(self.exchange(get % b"readyz")[0][0], 503)
-        self.queue.pending.clear()
-        self.state.draining = True
+        self.queue.take(3, 1 << 20)
+        self.state.lifecycle.start_draining()
         [(code, _, answer)] = self.exchange(get % b"readyz")
         self.assertEqual((code, json.loads(answer)["status"]), (503, "draining"))
-        self.state.started = False
-        self.state.draining = False
+        self.state.lifecycle = Lifecycle()
         self.assertEqual(json.loads(self.exchange(get % b"readyz")[0][2])["status"], "starting")
 
 
@@ -228,35 +160,32 @@ def gzip_of(data: bytes) -> bytes:
     return gzip.compress(data)
 
 
-class BatchAndGzipTests(unittest.TestCase):
+class BatchAndGzipTests(ListenerTestCase):
     """NDJSON batches and gzip'd request bodies."""
 
     def setUp(self) -> None:
-        self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry, process=False)
-        self.queue: DeferredQueue = DeferredQueue(size=10)
-        self.state = IngestState(self.queue, self.metrics, max_body_size=64,
-                                 validate_json=True, now_ms=lambda: 5,
-                                 max_batch_body_size=256, max_batch_events=4)
-        self.state.started = True
-        self.site = IngestListener(self.state, reactor=Clock())
+        self.setup_listener()
+
+    def setup_listener(self, max_batch_body_size: int = 256) -> None:
+        self.listen(queue_size=10, max_body_size=64, now_ms=lambda: 5,
+                    max_batch_body_size=max_batch_body_size, max_batch_events=4)
 
     def send(self, body: bytes, ctype: bytes = b"application/x-ndjson",
              extra: bytes = b""):
-        [answer] = Exchange(self.site).send_and_read(post_bytes(body, ctype, extra=extra))
+        [answer] = Exchange(self.listener).send_and_read(post_bytes(body, ctype, extra=extra))
         return answer[0], json.loads(answer[2])
 
     def test_ndjson_batch_is_accepted_whole_line_by_line(self):
         code, answer = self.send(b'{"a":1}\n{"a":2}\r\n\n{"a":3}\n')
         self.assertEqual((code, answer), (202, {"status": "accepted", "events": 3}))
-        self.assertEqual(self.queue.pending, [(5, b'{"a":1}', ""), (5, b'{"a":2}', ""), (5, b'{"a":3}', "")])
-        self.assertEqual(self.registry.get_sample_value("estat_events_accepted_total"), 3)
+        self.assertEqual(list(self.queue), [(5, b'{"a":1}', ""), (5, b'{"a":2}', ""), (5, b'{"a":3}', "")])
+        self.assertEqual(self.metric("estat_events_accepted_total"), 3)
 
     def test_a_bad_line_refuses_the_whole_batch_and_names_the_line(self):
         code, answer = self.send(b'{"a":1}\n{"a":2}\n[3]\n{"a":4}\n')
         self.assertEqual((code, answer),
                          (400, {"error": "invalid_json", "line": 3, "detail": "not_object"}))
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_empty_batch_is_refused(self):
         code, answer = self.send(b"\n\n")
@@ -268,17 +197,17 @@ class BatchAndGzipTests(unittest.TestCase):
         code, answer = self.send(b'{"a":"' + b"x" * 300 + b'"}\n')
         self.assertEqual((code, answer["error"]), (413, "too_large"))
         self.assertEqual(answer["max_bytes"], 256)
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_batch_that_does_not_fit_the_queue_is_refused_whole(self):
         for i in range(8):
-            self.queue.put(Event(1, b"{}"))
+            self.queue.offer([Event(1, b"{}")])
         code, answer = self.send(b'{"a":1}\n{"a":2}\n{"a":3}\n')
         self.assertEqual((code, answer["error"]), (503, "queue_full"))
-        self.assertEqual(len(self.queue.pending), 8)
+        self.assertEqual(len(list(self.queue)), 8)
         code, _ = self.send(b'{"a":1}\n{"a":2}\n')
         self.assertEqual(code, 202)
-        self.assertEqual(len(self.queue.pending), 10)
+        self.assertEqual(len(list(self.queue)), 10)
 
     def test_gzip_single_and_batch_bodies(self):
         code, _ = self.send(gzip_of(b'{"single":true}'), b"application/json",
@@ -286,7 +215,7 @@ class BatchAndGzipTests(unittest.TestCase):
         self.assertEqual(code, 202)
         code, answer = self.send(gzip_of(b'{"a":1}\n{"a":2}\n'), extra=b"Content-Encoding: gzip\r\n")
         self.assertEqual((code, answer["events"]), (202, 2))
-        self.assertEqual([e.body for e in self.queue.pending],
+        self.assertEqual([e.body for e in list(self.queue)],
                          [b'{"single":true}', b'{"a":1}', b'{"a":2}'])
 
     def test_concatenated_gzip_members_are_one_body(self):
@@ -295,10 +224,10 @@ class BatchAndGzipTests(unittest.TestCase):
         self.assertEqual((code, answer["events"]), (202, 2))
 
     def test_gzip_bomb_is_cut_off_at_the_limit(self):
-        self.state.max_batch_body_size = 65536
+        self.setup_listener(max_batch_body_size=65536)
         bomb = gzip_of(b"{" + b" " * 20_000_000 + b"}")
         self.assertLess(len(bomb), 65536)  # small on the wire, 20 MB inflated
-        client = Exchange(self.site)
+        client = Exchange(self.listener)
         inflated = []
         request_class = IngestRequest
         original = request_class._inflate
@@ -313,7 +242,7 @@ class BatchAndGzipTests(unittest.TestCase):
         [(code, _, answer)] = client.responses()
         self.assertEqual((code, json.loads(answer)["error"]), (413, "too_large"))
         self.assertLessEqual(sum(inflated), 65537)
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_bad_or_truncated_gzip_is_400_and_unknown_encoding_415(self):
         code, answer = self.send(b"not gzip at all", extra=b"Content-Encoding: gzip\r\n")
@@ -322,16 +251,16 @@ class BatchAndGzipTests(unittest.TestCase):
         self.assertEqual((code, answer["error"]), (400, "invalid_gzip"))
         code, answer = self.send(b'{"a":1}\n', extra=b"Content-Encoding: br\r\n")
         self.assertEqual((code, answer["error"]), (415, "unsupported_media_type"))
-        self.assertEqual(self.queue.pending, [])
-        self.assertEqual(self.registry.get_sample_value(
-            "estat_events_rejected_total", {"reason": "invalid_encoding"}), 2)
+        self.assertEqual(list(self.queue), [])
+        self.assertEqual(self.metric(
+            "estat_events_rejected_total", reason="invalid_encoding"), 2)
 
     def test_a_line_over_the_single_event_limit_refuses_the_batch(self):
         """Each line is one event, held to MAX_BODY_SIZE like a single event,
         so the event queue's memory stays EVENT_QUEUE_SIZE x MAX_BODY_SIZE."""
         code, answer = self.send(b'{"a":1}\n{"pad":"' + b"x" * 60 + b'"}\n')
         self.assertEqual((code, answer), (413, {"error": "too_large", "line": 2, "max_bytes": 64}))
-        self.assertEqual(self.queue.pending, [])
+        self.assertEqual(list(self.queue), [])
 
     def test_single_event_limit_still_applies_to_json(self):
         code, answer = self.send(b'{"a":"' + b"x" * 100 + b'"}', b"application/json")

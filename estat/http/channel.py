@@ -3,6 +3,10 @@ are parsed by httptools (llhttp, Node.js's parser) instead of twisted.web,
 whose own machinery cost more than all of estat's work per request (see
 bench/README.md).
 
+The listener is the protocol only: the handler it is given turns each
+request into an `Answer`, the `Limits` it is given bound every request, and
+it reports what it answers and refuses to the counters it is given.
+
 A connection answers each request as soon as its body is complete, in
 order, so pipelining and keep-alive need no queue. It defends itself: a
 body over its limit is refused before it is read (413, no `100 Continue`),
@@ -14,7 +18,8 @@ connections, so a stop can close the idle ones and wait for the busy ones.
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+import typing
+from typing import Callable, Optional, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -22,21 +27,51 @@ from httptools import (
     HttpParserUpgrade,
     HttpRequestParser,
 )
+from prometheus_client import Counter
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from estat.collect import Answer, IngestState, Routes
-from estat.http.request import IngestRequest, TooLarge, error_body, raw_error, response
+from estat.http.limits import Limits
+from estat.http.request import IngestRequest, TooLarge
+from estat.http.response import Answer, error_body, raw_error, response
+from estat.lifecycle import Lifecycle
+from estat.loops import guarded
 
 _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _KEEP_ALIVE = ((b"connection", b"keep-alive"),)
 _FEED_BYTES = 16 * 1024  # input parsed between two checks for a paused client
+
+
+class ListenerCounters(typing.Protocol):
+    """What the listener reports, to whoever keeps the metrics: every
+    answer by status code, every refusal by reason, and how many
+    connections are open."""
+
+    def count_response(self, code: int) -> None: ...
+
+    def count_rejected(self, reason: str) -> None: ...
+
+    def gauge_connections(self, count: Callable[[], int]) -> None:
+        """Report `count()` as the number of open connections."""
+
+    @property
+    def loop_errors(self) -> Counter:
+        """Where the reaper's unexpected errors are counted (by `loop`)."""
+
+
+Handler = Callable[[IngestRequest], Answer]
 
 
 class _Stop(Exception):
@@ -49,29 +84,42 @@ class IngestChannel(Protocol):
     """One client connection; see the module docstring."""
 
     factory: IngestListener
-    started: Optional[float] = None  # when the request being received began
-    last_active = 0.0
-    _request: Optional[IngestRequest] = None
-    _in_message = False
-    _done = False  # answered for the last time: ignore what still arrives
-    _closing = False  # loseConnection was called
-    _closing_at = 0.0
-    _network: Optional[IPushProducer] = None  # the transport, when it can pause reading
-    _paused = False  # the client is not reading its answers
-    _held: Optional[memoryview] = None  # input not parsed while paused
-    _messages = 0  # requests begun on this connection
 
-    def connectionMade(self) -> None:
-        factory = self.factory
-        self.state = factory.state
-        self.routes = factory.routes
+    def __init__(self, listener: IngestListener) -> None:
+        self.factory = listener
+        self.handler = listener.handler
+        self.limits = listener.limits
+        self.counters = listener.counters
+        self.lifecycle = listener.lifecycle
         self.parser = HttpRequestParser(self)
-        self._out: list[bytes] = []
+        # The connection.
+        self.last_active = 0.0  # when input last arrived
+        self._network: Optional[IPushProducer] = None  # the transport, when it can pause reading
+        self._paused = False  # the client is not reading its answers
+        self._held: Optional[memoryview] = None  # input not parsed while paused
+        self._out: list[bytes] = []  # answers not written yet
+        self._messages = 0  # requests begun on this connection
+        self._done = False  # answered for the last time: ignore what still arrives
+        self._closing = False  # loseConnection was called
+        self._closing_at = 0.0
+        # The request being received.
+        self.started: Optional[float] = None  # when its first byte arrived
+        self._in_message = False
+        self._new_request()
+
+    def _new_request(self) -> None:
+        """Forget what the parser saw of the last request's head."""
+        self._request: Optional[IngestRequest] = None  # once the headers are complete
         self._url: list[bytes] = []
         self._headers: dict[bytes, bytes] = {}
-        self._head_bytes = 0
-        self.last_active = factory.reactor.seconds()
-        factory.channels.add(self)
+        self._header_count = 0
+        self._header_bytes = 0
+        self._head_bytes = 0  # input parsed while the head had not ended
+
+    def connectionMade(self) -> None:
+        listener = self.factory
+        self.last_active = listener.reactor.seconds()
+        listener.channels.add(self)
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             cast(ITCPTransport, transport).setTcpNoDelay(True)  # as twisted.web does
@@ -122,6 +170,10 @@ class IngestChannel(Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserCallbackError as error:
+            # A callback raises _Stop to make llhttp stop at once (a callback
+            # has no other way to stop it), and httptools reports any
+            # exception from a callback as HttpParserCallbackError with the
+            # original as its __context__. Anything but _Stop is a bug.
             if not isinstance(error.__context__, _Stop):
                 raise
         except HttpParserUpgrade:
@@ -136,7 +188,7 @@ class IngestChannel(Protocol):
             # httptools holds a header until its end: bound what it holds
             # (the piece in which a request began is bounded by its size).
             self._head_bytes += len(data)
-            if self._head_bytes > self.factory.max_head_bytes:
+            if self._head_bytes > self.limits.max_head_bytes:
                 try:
                     self._refuse_headers()
                 except _Stop:
@@ -163,31 +215,27 @@ class IngestChannel(Protocol):
     def on_message_begin(self) -> None:
         self._messages += 1
         self._in_message = True
-        self._request = None
-        self._url = []
-        self._headers = {}
-        self._head_bytes = 0
-        self._header_count = 0
-        self._header_bytes = 0
+        self._new_request()
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
-        if sum(map(len, self._url)) > self.factory.max_header_bytes:
+        if sum(map(len, self._url)) > self.limits.max_header_bytes:
             self._refuse_headers()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
-        if (self._header_count > self.factory.max_headers
-                or self._header_bytes > self.factory.max_header_bytes):
+        limits = self.limits
+        if (self._header_count > limits.max_headers
+                or self._header_bytes > limits.max_header_bytes):
             self._refuse_headers()
         self._headers.setdefault(name.lower(), value)
 
     def on_headers_complete(self) -> None:
-        state = self.state
+        limits = self.limits
         request = self._request = IngestRequest(
             self.parser.get_method(), b"".join(self._url), self._headers,
-            state.max_body_size, state.max_batch_body_size)
+            limits.max_body_size, limits.max_batch_body_size)
         try:
             request.check_declared_length()
         except TooLarge as too_large:
@@ -213,17 +261,18 @@ class IngestChannel(Protocol):
             return  # answered by dataReceived's HttpParserUpgrade
         request.body_complete()
         try:
-            answer = self.routes(request)
+            answer = self.handler(request)
         except Exception:
             _log.failure("unexpected error handling {method} {path}",
                          method=request.method, path=request.path)
             answer = Answer(500, error_body("internal_error"))
-        close = answer.close or self.factory.closing or not self.parser.should_keep_alive()
+        close = (answer.close or self.lifecycle.stopping
+                 or not self.parser.should_keep_alive())
         headers = answer.headers
         if not close and b"connection" in request.headers:
             # An HTTP/1.0 client keeps the connection only if told it stays.
             headers += _KEEP_ALIVE
-        self.state.count_response(answer.code)
+        self.counters.count_response(answer.code)
         self._out.append(response(answer.code, answer.body, headers, close,
                                   head_only=request.method == b"HEAD"))
         if close:
@@ -233,9 +282,9 @@ class IngestChannel(Protocol):
     # Refusals: answer, close, and stop reading
 
     def _refuse_headers(self) -> None:
-        factory = self.factory
-        self._refuse(431, "headers_too_large", max_headers=factory.max_headers,
-                     max_bytes=factory.max_header_bytes)
+        limits = self.limits
+        self._refuse(431, "headers_too_large", max_headers=limits.max_headers,
+                     max_bytes=limits.max_header_bytes)
 
     def _refuse(self, code: int, error: str, **details: object) -> None:
         """Answer `code` and close; called from parser callbacks."""
@@ -249,15 +298,16 @@ class IngestChannel(Protocol):
         self._in_message = False
         self._request = None
         self.started = None
-        self.state.count_response(code)
-        self.state.count_rejected(reason)
+        self.counters.count_response(code)
+        self.counters.count_rejected(reason)
         self._out.append(answer)
 
-    def reap(self, now: float, request_timeout: float, idle_timeout: float) -> None:
-        """408 for a request still arriving after `request_timeout`; close a
-        connection idle for `idle_timeout`; abort one whose client has not
-        taken its last answer `request_timeout` after the close (a close
+    def reap(self, now: float) -> None:
+        """408 for a request still arriving after the request timeout; close
+        a connection idle for the idle timeout; abort one whose client has
+        not taken its last answer a request timeout after the close (a close
         waits for the answers to be sent, so they would stay in memory)."""
+        request_timeout = self.limits.request_timeout
         if self._closing:
             if now - self._closing_at > request_timeout and self.transport is not None:
                 cast(ITCPTransport, self.transport).abortConnection()
@@ -268,7 +318,7 @@ class IngestChannel(Protocol):
             self._finish(raw_error(408, "request_timeout", seconds=request_timeout),
                          408, "request_timeout")
             self._flush()
-        elif self.started is None and now - self.last_active > idle_timeout:
+        elif self.started is None and now - self.last_active > self.limits.idle_timeout:
             self._done = True
             self._flush()
 
@@ -297,7 +347,7 @@ class IngestChannel(Protocol):
 
 
 class _TooManyConnections(Protocol):
-    """Answers a connection over MAX_CONNECTIONS with 503 and closes it."""
+    """Answers a connection over the limit with 503 and closes it."""
 
     def connectionMade(self) -> None:
         assert self.transport is not None  # makeConnection set it
@@ -306,89 +356,78 @@ class _TooManyConnections(Protocol):
 
 
 class IngestListener(Factory):
-    """Builds the ingest listener's connections (at most `max_connections`),
-    reaps slow requests and idle connections, and closes them all for an
-    orderly stop with `close_connections`."""
+    """Builds the ingest listener's connections, each answering with
+    `handler` within `limits` and reporting to `counters` (and closing
+    after its answer once `lifecycle` is stopping); reaps slow requests and
+    idle connections while it listens, and closes them all for an orderly
+    stop with `close_connections`."""
 
-    closing = False
-
-    def __init__(self, state: IngestState, idle_timeout: float = 60.0,
-                 reactor: Optional[Any] = None, request_timeout: float = 10.0,
-                 max_connections: int = 1024, max_headers: int = 64,
-                 max_header_bytes: int = 16384) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-            reactor = global_reactor
+    def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
+                 lifecycle: Lifecycle, reactor: IReactorTime) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.counters = counters
+        self.lifecycle = lifecycle
         self.reactor = reactor
-        self.state = state
-        self.routes = Routes(state)
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self.max_connections = max_connections
-        self.max_headers = max_headers
-        self.max_header_bytes = max_header_bytes
-        # A request line and headers, each at their limit, with their CRLFs.
-        self.max_head_bytes = 2 * max_header_bytes + 2 * max_headers + 64
         self.channels: set[IngestChannel] = set()
         self._closed_waiters: list[Deferred[None]] = []
         self._reaper: Optional[LoopingCall] = None
-        state.metrics.open_connections.set_function(lambda: len(self.channels))
+        counters.gauge_connections(lambda: len(self.channels))
 
-    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
-        if self._reaper is None:
-            self._start_reaper()
-        if len(self.channels) >= self.max_connections:
-            self.state.count_rejected("too_many_connections")
-            self.state.count_response(503)
-            return _TooManyConnections()
-        channel = IngestChannel()
-        channel.factory = self
-        return channel
-
-    def _start_reaper(self) -> None:
-        """Check a few times per REQUEST_TIMEOUT for requests arriving too
-        slowly (a 408 comes at most a quarter of the timeout late) and for
-        idle connections: one timer per listener, not one per request."""
-        reaper = self._reaper = LoopingCall(self._reap)
+    def startFactory(self) -> None:
+        """Start the reaper. It looks a few times per request timeout for
+        requests arriving too slowly (a 408 comes at most a quarter of the
+        timeout late) and for idle connections: one timer per listener, not
+        one per request."""
+        reaper = self._reaper = LoopingCall(guarded("reaper", self.counters.loop_errors,
+                                                    self._reap))
         reaper.clock = self.reactor
-        reaper.start(min(1.0, self.request_timeout / 4), now=False)
-
-    def _reap(self) -> None:
-        now = self.reactor.seconds()
-        for channel in list(self.channels):
-            channel.reap(now, self.request_timeout, self.idle_timeout)
+        reaper.start(min(1.0, self.limits.request_timeout / 4), now=False)
 
     def stopFactory(self) -> None:
         if self._reaper is not None and self._reaper.running:
             self._reaper.stop()
         self._reaper = None
 
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
+        if len(self.channels) >= self.limits.max_connections:
+            self.counters.count_rejected("too_many_connections")
+            self.counters.count_response(503)
+            return _TooManyConnections()
+        return IngestChannel(self)
+
+    def _reap(self) -> None:
+        now = self.reactor.seconds()
+        for channel in list(self.channels):
+            channel.reap(now)
+
     def close_connections(self, grace: float) -> "Deferred[None]":
         """Close idle connections now; let busy ones finish their request
         (each closes after its answer) and abort what is left after
-        `grace` seconds. Fires when every connection is gone."""
-        self.closing = True
+        `grace` seconds. Fires when every connection is gone. (The lifecycle
+        is stopping by then, so each busy one closes after its answer.)"""
         for channel in list(self.channels):
             channel.close_if_idle()
+        closed = self._all_closed()
+        closed.addTimeout(grace, self.reactor, onTimeoutCancel=self._abort_all)
+        return closed
+
+    def _all_closed(self) -> "Deferred[None]":
+        """Fires when no connection is left."""
         if not self.channels:
             return succeed(None)
-        waiter: Deferred[None] = Deferred()
+        waiter: Deferred[None] = Deferred(canceller=self._closed_waiters.remove)
         self._closed_waiters.append(waiter)
-        timer = self.reactor.callLater(grace, self._abort_all)
-
-        def cancel_timer(result: Optional[Failure]) -> Optional[Failure]:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        waiter.addBoth(cancel_timer)
         return waiter
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, timed_out: Optional[Failure], grace: float) -> "Deferred[None]":
+        """The grace is over: abort every connection left, and fire once
+        they are gone."""
         for channel in list(self.channels):
             if channel.transport is not None:
                 # TCP, unix and TLS server transports all provide ITCPTransport.
                 cast(ITCPTransport, channel.transport).abortConnection()
+        return self._all_closed()
 
     def channel_closed(self, channel: IngestChannel) -> None:
         self.channels.discard(channel)

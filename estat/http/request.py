@@ -1,4 +1,4 @@
-"""One request on the ingest listener, and the bytes of every answer.
+"""One request on the ingest listener, as it arrives.
 
 `IngestRequest` holds what the parser saw (method, path, headers) and reads
 at most a limit of body: the limit comes from the media type, a declared
@@ -10,63 +10,13 @@ size, so a gzip bomb never inflates past the limit.
 
 from __future__ import annotations
 
-import json
-import time
 import zlib
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, Optional
+
+from estat.codec import GZIP_WBITS
 
 NDJSON = b"application/x-ndjson"
 _GZIP_ENCODINGS = (b"gzip", b"x-gzip")
-
-# Every status's reason phrase, from the standard library's table.
-PHRASES = {status.value: status.phrase.encode() for status in HTTPStatus}
-
-
-def error_body(error: str, **details: object) -> bytes:
-    """The short JSON body of every error answer."""
-    return json.dumps({"error": error, **details}, separators=(",", ":")).encode() + b"\n"
-
-
-class _HttpDate:
-    """The Date header's value, formatted once per second."""
-
-    second = -1
-    value = b""
-
-    def __call__(self) -> bytes:
-        now = int(time.time())
-        if now != self.second:
-            self.value = formatdate(now, usegmt=True).encode()
-            self.second = now
-        return self.value
-
-
-http_date = _HttpDate()
-
-
-def response(code: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = (),
-             close: bool = False, head_only: bool = False) -> bytes:
-    """A whole HTTP/1.1 response with a JSON body (without the body itself
-    when answering HEAD). A 204 has neither body nor length."""
-    head = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (code, PHRASES.get(code, b"Unknown"),
-                                                  http_date())]
-    if code != 204:
-        head.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
-    for name, value in headers:
-        head.append(b"%s: %s\r\n" % (name, value))
-    if close:
-        head.append(b"Connection: close\r\n")
-    head.append(b"\r\n")
-    if not head_only:
-        head.append(body)
-    return b"".join(head)
-
-
-def raw_error(code: int, error: str, **details: object) -> bytes:
-    """A complete JSON error response that closes the connection."""
-    return response(code, error_body(error, **details), close=True)
 
 
 class TooLarge(Exception):
@@ -108,7 +58,7 @@ class IngestRequest:
         if encoding:
             name = encoding.strip().lower()
             if name in _GZIP_ENCODINGS:
-                self._inflater = zlib.decompressobj(31)
+                self._inflater = zlib.decompressobj(GZIP_WBITS)
             elif name != b"identity":
                 self.body_problem = "unsupported_content_encoding"
 
@@ -147,7 +97,7 @@ class IngestRequest:
             if self._inflater.eof:
                 data = self._inflater.unused_data
                 if data:
-                    self._inflater = zlib.decompressobj(31)
+                    self._inflater = zlib.decompressobj(GZIP_WBITS)
             else:
                 data = self._inflater.unconsumed_tail
         return b"".join(out)

@@ -1,36 +1,35 @@
-"""The collect loop: a LoopingCall that drains the event queue into the
+"""The collect loop: every TICK_SECONDS it drains the event queue into the
 open batch and flushes it on size, bytes or age into the upload queue.
 
 When the upload queue is full it stops draining, so the event queue fills
-and /collect answers 503: the seed's fail-fast backpressure chain.
+and /collect answers 503: fail fast, end to end, instead of buffering
+without bound.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
-from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
+from estat.loops import LoopService
 from estat.metrics import Metrics
 from estat.model import Batch, Event, new_batch_id
+from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Uploader
-
-_log = Logger()
 
 TICK_SECONDS = 0.05
 
 
 class Batcher:
-    """Owns the open batch. `tick` runs every TICK_SECONDS; `flush_all`
-    empties the queue into batches at shutdown."""
+    """Owns the open batch. `tick` runs every TICK_SECONDS while the
+    `service()` runs; `flush_all` empties the queue into batches at
+    shutdown."""
 
     def __init__(
         self,
         clock: IReactorTime,
-        queue: DeferredQueue,
+        queue: EventQueue,
         uploader: Uploader,
         metrics: Metrics,
         batch_size: int,
@@ -51,34 +50,22 @@ class Batcher:
         self._events: list[Event] = []
         self._bytes = 0
         self._opened_at = 0.0
-        self._loop: Optional[LoopingCall] = None
-        self._loop_done: Optional[Deferred] = None
-        metrics.event_queue_depth.set_function(lambda: len(queue.pending))
-        metrics.event_queue_capacity.set(queue.size or 0)
+        metrics.event_queue_depth.set_function(lambda: len(queue))
+        metrics.event_queue_capacity.set(queue.capacity)
 
-    def start(self) -> None:
-        loop = self._loop = LoopingCall(self.tick)
-        loop.clock = self.clock
-        self._loop_done = loop.start(self.tick_seconds, now=False)
-
-    def stop(self) -> "Deferred[object]":
-        """Stop the loop; fires when the last tick has returned."""
-        if self._loop is None or not self._loop.running:
-            return succeed(None)
-        self._loop.stop()
-        assert self._loop_done is not None
-        return self._loop_done
+    def service(self) -> LoopService:
+        """The loop, as a service: `tick` from `startService` (guarded:
+        an error is logged and counted, and the loop goes on) until
+        `stopService`, which fires once the last tick has returned."""
+        return LoopService("batcher", self.tick_seconds, self.tick,
+                           self.metrics.loop_errors, self.clock)
 
     def open_events(self) -> int:
         return len(self._events)
 
     def tick(self) -> None:
-        """One pass of the loop; never raises, so the loop never ends."""
-        try:
-            self._drain(force=False)
-        except Exception:
-            self.metrics.loop_errors.labels(loop="batcher").inc()
-            _log.failure("unexpected error in the batcher loop")
+        """One pass of the loop: drain what the upload queue has room for."""
+        self._drain(force=False)
 
     def flush_all(self) -> None:
         """Shutdown: every queued event goes into a batch and every batch to
@@ -87,7 +74,7 @@ class Batcher:
         if self._events:
             self._flush("shutdown")
 
-    def _due(self, force: bool) -> Optional[str]:
+    def _due(self, force: bool) -> str | None:
         if not self._events:
             return None
         if len(self._events) >= self.batch_size:
@@ -99,7 +86,7 @@ class Batcher:
         return None
 
     def _drain(self, force: bool) -> None:
-        pending = self.queue.pending
+        queue = self.queue
         while True:
             trigger = self._due(force)
             if trigger is not None:
@@ -107,27 +94,20 @@ class Batcher:
                     return  # backpressure: leave events in the queue
                 self._flush(trigger)
                 continue
-            if not pending:
+            if not len(queue):
                 return
             if not self._events:
                 self._opened_at = self.clock.seconds()
-            self._take(pending)
+            self._take()
 
-    def _take(self, pending: list[Event]) -> None:
+    def _take(self) -> None:
         """Move events from the queue into the open batch, stopping at the
         batch's count or byte limit."""
-        limit = min(self.batch_size - len(self._events), len(pending))
-        size = self._bytes
-        max_bytes = self.batch_max_bytes
-        taken = 0
-        while taken < limit:
-            size += len(pending[taken][1])
-            taken += 1
-            if size >= max_bytes:
-                break
-        self._events.extend(pending[:taken])
-        del pending[:taken]
-        self._bytes = size
+        queue = self.queue
+        before = queue.bytes
+        self._events.extend(queue.take(self.batch_size - len(self._events),
+                                       self.batch_max_bytes - self._bytes))
+        self._bytes += before - queue.bytes
 
     def _flush(self, trigger: str) -> None:
         batch = Batch(self._events, self._bytes, self._new_id(), trigger)

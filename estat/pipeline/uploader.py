@@ -5,12 +5,14 @@ cannot be stored handed to the dead-letter spool, never dropped."""
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Callable, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from estat.codec import EncodeFailed
+from estat.loops import guarded
 from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
 from estat.stores.base import RetryableStoreError, Store, StoreError, as_store_error
@@ -99,8 +101,7 @@ class Uploader:
         while self._in_flight < self.concurrency and self._queue:
             batch = self._queue.popleft()
             self._in_flight += 1
-            d = self._process(batch)
-            d.addErrback(self._unexpected)
+            d = guarded("uploader", self._metrics.loop_errors, partial(self._process, batch))()
             d.addBoth(self._finished)
 
     def _finished(self, _: object) -> None:
@@ -111,17 +112,13 @@ class Uploader:
             for waiter in waiters:
                 waiter.callback(None)
 
-    def _unexpected(self, failure):  # type: ignore[no-untyped-def]
-        self._metrics.loop_errors.labels(loop="uploader").inc()
-        _log.failure("unexpected error in the upload loop", failure=failure)
-
     @inlineCallbacks
     def _process(self, batch: Batch):  # type: ignore[no-untyped-def]
         try:
             objects = yield self._encode(batch)
         except EncodeFailed as failed:
             yield self.spool.salvage(failed)
-            raise  # still a bug in this loop: logged and counted by _unexpected
+            raise  # still a bug in this loop: `guarded` logs and counts it
         for obj in objects:
             if obj.kind == "raw":
                 self._metrics.raw_events.inc(obj.event_count)

@@ -87,13 +87,13 @@ def run_worker(index: int, ports: str) -> None:
 
     # Imported here, not at the top: the parent imports this module for the
     # settings codec and has no use for the pipeline.
-    from estat.service import IngestService
+    from estat.service import IngestService, build
 
     reactor: Any = _reactor
     settings = decode_settings(os.environ.pop(SETTINGS_ENV))
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)],
                                      redirectStandardIO=False)
-    service = IngestService(settings, reactor, own_signals=True,
+    service = IngestService(build(settings, reactor), own_signals=True,
                             inherited_ports=parse_ports(ports))
     stdio.StandardIO(ParentWatch(index, reactor), reactor=reactor)
     service.privilegedStartService()

@@ -1,0 +1,74 @@
+"""The event queue between `/collect` and the batcher: bounded, FIFO, and
+the only owner of the events waiting in it.
+
+Admission never waits: `offer` takes a request's events whole or not at
+all (a refused offer is the 503 that tells the client to retry, so a retry
+never duplicates part of a batch). The batcher drains it with `take`.
+Nothing waits on the queue either, so it needs no Deferreds: it is a list
+and two counters, cheap enough for the per-request path."""
+
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Iterator, Optional
+
+from estat.model import Event
+
+_body = itemgetter(1)
+
+
+class EventQueue:
+    """At most `capacity` events, and, when `max_bytes` is given, at most
+    that many bytes of bodies; `bytes` is the size of the bodies queued."""
+
+    def __init__(self, capacity: int, max_bytes: Optional[int] = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"an event queue holds at least one event, not {capacity}")
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._events: list[Event] = []
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def __iter__(self) -> Iterator[Event]:
+        """The queued events, oldest first (a copy: the queue may change
+        while the caller looks)."""
+        return iter(list(self._events))
+
+    def room(self) -> int:
+        """How many more events `offer` would take now (bytes allowing)."""
+        return self.capacity - len(self._events)
+
+    def offer(self, events: list[Event]) -> bool:
+        """Queue all of `events`, or none of them and answer False when they
+        would take the queue past its capacity in events or bytes."""
+        queued = self._events
+        if len(queued) + len(events) > self.capacity:
+            return False
+        size = len(events[0][1]) if len(events) == 1 else sum(map(len, map(_body, events)))
+        if self.max_bytes is not None and self.bytes + size > self.max_bytes:
+            return False
+        queued.extend(events)
+        self.bytes += size
+        return True
+
+    def take(self, max_events: int, max_bytes: int) -> list[Event]:
+        """Remove and return the oldest events: at most `max_events`, and
+        no more once their bodies reach `max_bytes` (the event that reaches
+        it is included, so one event is taken if any is queued, however
+        large it is, as long as `max_events` is at least one)."""
+        queued = self._events
+        limit = min(max_events, len(queued))
+        size = 0
+        taken = 0
+        while taken < limit:
+            size += len(queued[taken][1])
+            taken += 1
+            if size >= max_bytes:
+                break
+        events = queued[:taken]
+        del queued[:taken]
+        self.bytes -= size
+        return events

@@ -1,0 +1,85 @@
+"""The event queue: all-or-nothing admission within its capacity in events
+and bytes, and FIFO takes bounded by count and bytes."""
+
+from __future__ import annotations
+
+from twisted.trial import unittest
+
+from estat.model import Event, events_of
+from estat.pipeline.queue import EventQueue
+
+
+def sized(*sizes: int) -> list[Event]:
+    return [Event(n, b"x" * size) for n, size in enumerate(sizes)]
+
+
+class OfferTests(unittest.TestCase):
+    def test_offers_within_capacity_are_queued_in_order(self):
+        queue = EventQueue(5)
+        self.assertTrue(queue.offer(sized(1)))
+        self.assertTrue(queue.offer(events_of(7, [b"ab", b"cde"], "w")))
+        self.assertEqual(list(queue), [Event(0, b"x"), Event(7, b"ab", "w"),
+                                       Event(7, b"cde", "w")])
+        self.assertEqual((len(queue), queue.room(), queue.bytes), (3, 2, 6))
+
+    def test_an_offer_that_does_not_fit_is_refused_whole(self):
+        queue = EventQueue(3)
+        self.assertTrue(queue.offer(sized(1, 1)))
+        self.assertFalse(queue.offer(sized(1, 1)))
+        self.assertEqual((len(queue), queue.bytes), (2, 2))
+        self.assertTrue(queue.offer(sized(4)))
+        self.assertEqual(queue.room(), 0)
+        self.assertFalse(queue.offer(sized(1)))
+        self.assertEqual((len(queue), queue.bytes), (3, 6))
+
+    def test_a_byte_capacity_refuses_whole_offers_too(self):
+        queue = EventQueue(100, max_bytes=10)
+        self.assertTrue(queue.offer(sized(4, 4)))
+        self.assertFalse(queue.offer(sized(1, 2)))
+        self.assertTrue(queue.offer(sized(2)))
+        self.assertFalse(queue.offer(sized(1)))
+        self.assertEqual((len(queue), queue.bytes), (3, 10))
+
+    def test_iterating_gives_a_copy(self):
+        queue = EventQueue(5)
+        queue.offer(sized(1, 2))
+        for _ in queue:
+            queue.take(1, 100)
+        self.assertEqual(len(queue), 0)
+
+    def test_a_queue_holds_at_least_one_event(self):
+        self.assertRaises(ValueError, EventQueue, 0)
+
+
+class TakeTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.queue = EventQueue(10)
+        self.queue.offer(sized(3, 3, 3, 3, 3))
+
+    def test_takes_the_oldest_up_to_the_count(self):
+        self.assertEqual([e.ts for e in self.queue.take(2, 1000)], [0, 1])
+        self.assertEqual([e.ts for e in self.queue.take(2, 1000)], [2, 3])
+        self.assertEqual((len(self.queue), self.queue.bytes), (1, 3))
+
+    def test_stops_once_the_bytes_are_reached_including_that_event(self):
+        self.assertEqual([e.ts for e in self.queue.take(10, 7)], [0, 1, 2])
+        self.assertEqual([e.ts for e in self.queue.take(10, 6)], [3, 4])
+        self.assertEqual((len(self.queue), self.queue.bytes), (0, 0))
+
+    def test_one_event_however_large(self):
+        queue = EventQueue(3)
+        queue.offer(sized(50, 1))
+        self.assertEqual([e.ts for e in queue.take(5, 10)], [0])
+        self.assertEqual([e.ts for e in queue.take(5, 0)], [1])
+
+    def test_empty_queue_or_no_count_takes_nothing(self):
+        self.assertEqual(self.queue.take(0, 1000), [])
+        self.assertEqual(len(self.queue), 5)
+        self.assertEqual(EventQueue(1).take(5, 5), [])
+
+    def test_taking_makes_room(self):
+        self.queue.offer(sized(1, 1, 1, 1, 1))
+        self.assertFalse(self.queue.offer(sized(1)))
+        self.queue.take(2, 1000)
+        self.assertEqual(self.queue.room(), 2)
+        self.assertTrue(self.queue.offer(sized(1, 1)))
