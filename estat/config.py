@@ -11,6 +11,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from estat.model import unsafe_key_reason
+
 
 class ConfigError(ValueError):
     """A setting has a value the server cannot run with; the message is one
@@ -90,6 +92,9 @@ def parse_prefix(text: str) -> str:
         raise ValueError(
             "must be a non-empty key prefix of letters, digits and . _ = / -"
         )
+    unsafe = unsafe_key_reason(value)
+    if unsafe is not None:
+        raise ValueError(f"must be a safe key prefix: {unsafe}")
     return value
 
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import (
+    CancelledError,
     Deferred,
     DeferredList,
     TimeoutError,
@@ -364,7 +365,11 @@ class IngestService(MultiService):
 
     def _start_failed(self, failure: Failure) -> None:
         """Once the reactor runs, twistd no longer hears of a failure:
-        say it, and stop (the ordered stop then runs)."""
+        say it, and stop (the ordered stop then runs). A start cancelled
+        by a stop is no failure."""
+        if failure.check(CancelledError):
+            _log.info("stopped before the start had finished")
+            return
         _log.critical("cannot start: {error}; stopping", error=failure.getErrorMessage())
         self.reactor.callWhenRunning(self.reactor.stop)
 
@@ -407,7 +412,10 @@ class IngestService(MultiService):
         5. the store, the admin listener and the thread pool stop."""
         parts = self.parts
         if self._started is not None:
-            await self._started  # a start that failed has said so
+            # A start still under way (a slow dead-letter scan, say) must
+            # not hold up a SIGTERM: cancel it; one that failed has said so.
+            self._started.cancel()
+            await self._started
         started_at = self.reactor.seconds()
         timeout = self.settings.shutdown_timeout
         if self.own_signals:

@@ -84,6 +84,8 @@ class OptionsTests(unittest.TestCase):
             ([], {"FLUSH_INTERVAL": "-1"}, "greater than zero"),
             ([], {"FLUSH_INTERVAL": "nan"}, "greater than zero"),
             ([], {"PREFIX": "a b"}, "PREFIX='a b' is not valid"),
+            ([], {"PREFIX": "../outside"}, "PREFIX='../outside' is not valid: must be a safe key"),
+            ([], {"RAW_PREFIX": "raw/./x"}, "RAW_PREFIX='raw/./x' is not valid: must be a safe key"),
             ([], {"PREFIX": "x", "RAW_PREFIX": "x"}, "PREFIX and RAW_PREFIX must differ"),
             ([], {"LISTEN": "bogus:1"}, "LISTEN 'bogus:1' is not a Twisted endpoint"),
             ([], {"ADMIN_LISTEN": "tcp:notaport"}, "ADMIN_LISTEN 'tcp:notaport'"),
