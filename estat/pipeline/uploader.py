@@ -8,7 +8,7 @@ from collections import deque
 from functools import partial
 from typing import Callable, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 
 from estat.codec import EncodeFailed
@@ -101,7 +101,8 @@ class Uploader:
         while self._in_flight < self.concurrency and self._queue:
             batch = self._queue.popleft()
             self._in_flight += 1
-            d = guarded("uploader", self._metrics.loop_errors, partial(self._process, batch))()
+            d = guarded("uploader", self._metrics.loop_errors,
+                        partial(self._process_deferred, batch))()
             d.addBoth(self._finished)
 
     def _finished(self, _: object) -> None:
@@ -112,28 +113,29 @@ class Uploader:
             for waiter in waiters:
                 waiter.callback(None)
 
-    @inlineCallbacks
-    def _process(self, batch: Batch):  # type: ignore[no-untyped-def]
+    def _process_deferred(self, batch: Batch) -> "Deferred[None]":
+        return Deferred.fromCoroutine(self._process(batch))
+
+    async def _process(self, batch: Batch) -> None:
         try:
-            objects = yield self._encode(batch)
+            objects = await self._encode(batch)
         except EncodeFailed as failed:
-            yield self.spool.salvage(failed)
+            await self.spool.salvage(failed)
             raise  # still a bug in this loop: `guarded` logs and counts it
         for obj in objects:
             if obj.kind == "raw":
                 self._metrics.raw_events.inc(obj.event_count)
-            yield self._store_or_spool(obj)
+            await self._store_or_spool(obj)
 
-    @inlineCallbacks
-    def _store_or_spool(self, obj: EncodedObject):  # type: ignore[no-untyped-def]
+    async def _store_or_spool(self, obj: EncodedObject) -> None:
         if self._past_deadline:
-            yield self.spool.save(obj, RetryableStoreError(
+            await self.spool.save(obj, RetryableStoreError(
                 "timeout", "ShutdownDeadline", "not uploaded before the shutdown deadline"))
             return
         put = self.store.put(obj)
         self._puts.add(put)
         try:
-            yield put
+            await put
         except CancelledError:
             error: StoreError = RetryableStoreError(
                 "timeout", "Cancelled", "upload cancelled at shutdown")
@@ -157,4 +159,4 @@ class Uploader:
             key=obj.key, events=obj.event_count, store=self.store.name,
             code=error.code, message=error.message,
         )
-        yield self.spool.save(obj, error)
+        await self.spool.save(obj, error)
