@@ -132,6 +132,10 @@ class Collect:
                 headers.get(b"authorization"), headers.get(b"x-write-key"))
             if writer is None:
                 state.count_rejected(reason)
+                if reason == "auth_conflict":
+                    return Answer(400, error_body(
+                        "conflicting_keys",
+                        detail="X-Write-Key and Authorization name different keys"), cors)
                 return Answer(401, error_body(
                     "unauthorized", detail="missing_key" if reason == "auth_missing"
                     else "invalid_key"), (_UNAUTHORIZED,) + cors)

@@ -27,6 +27,7 @@ REJECT_REASONS = (
     "invalid_encoding",
     "auth_missing",
     "auth_invalid",
+    "auth_conflict",
     "forbidden_origin",
     "request_timeout",
     "headers_too_large",
