@@ -421,8 +421,9 @@ class IngestService(MultiService):
             await self.batcher_service.stopService()
         queued, open_events = len(parts.queue), parts.batcher.open_events()
         parts.batcher.flush_all()
-        _log.info("flushed {events} queued events; waiting for {batches} batches to upload",
-                  events=queued + open_events, batches=parts.uploader.depth())
+        _log.info("flushed {events} queued events; waiting for {batches} batches to upload "
+                  "({in_flight} in flight)", events=queued + open_events,
+                  batches=parts.uploader.unfinished(), in_flight=parts.uploader.in_flight())
         await self.drain_service.stopService()
         await self._uploads_finished(deadline=started_at + timeout)
         await parts.store.close()
