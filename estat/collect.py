@@ -67,6 +67,9 @@ class IngestState:
     def count_rejected(self, reason: str, amount: int = 1) -> None:
         self._rejected[reason].inc(amount)
 
+    def count_evicted(self) -> None:
+        self.metrics.connections_evicted.inc()
+
     def gauge_connections(self, count: Callable[[], int]) -> None:
         """Export `count()` as the open-connections gauge."""
         self.metrics.open_connections.set_function(count)

@@ -239,8 +239,12 @@ OPTIONS: tuple[Option, ...] = (
            "(408 after)"),
     Option("idle-timeout", "IDLE_TIMEOUT", parse_positive_seconds, "60",
            "seconds an idle keep-alive connection stays open"),
+    Option("first-request-timeout", "FIRST_REQUEST_TIMEOUT", parse_positive_seconds, "5",
+           "seconds a new connection has to begin its first request; one that "
+           "sends nothing is closed"),
     Option("max-connections", "MAX_CONNECTIONS", parse_positive_int, "1024",
-           "open ingest connections; further ones get 503 and are closed"),
+           "open ingest connections; at the limit the longest-idle one is "
+           "closed to admit a new one, which gets 503 only when none is idle"),
     Option("max-headers", "MAX_HEADERS", parse_positive_int, "64",
            "most header lines in one request (431 above)"),
     Option("max-header-bytes", "MAX_HEADER_BYTES", parse_positive_size, "16KiB",
@@ -299,6 +303,7 @@ class Settings:
     cors_allowed_origins: str = _default("cors-allowed-origins")
     request_timeout: float = _default("request-timeout")
     idle_timeout: float = _default("idle-timeout")
+    first_request_timeout: float = _default("first-request-timeout")
     max_connections: int = _default("max-connections")
     max_headers: int = _default("max-headers")
     max_header_bytes: int = _default("max-header-bytes")

@@ -33,6 +33,7 @@ REJECT_REASONS = (
     "headers_too_large",
     "bad_request",
     "too_many_connections",
+    "first_request_timeout",
 )
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (
@@ -156,6 +157,9 @@ class Metrics:
             ["loop"], registry=r)
         self.open_connections = Gauge(
             "estat_open_connections", "Open connections on the ingest listener", registry=r)
+        self.connections_evicted = ReactorCounter(
+            "estat_connections_evicted", "Idle connections closed to admit a new one at "
+            "MAX_CONNECTIONS", registry=r)
         self.ready = Gauge(
             "estat_ready", "1 when /readyz answers 200", registry=r)
 

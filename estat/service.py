@@ -158,6 +158,7 @@ def build(settings: Settings, reactor: IIngestReactor,
         max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
         max_body_size=settings.max_body_size, max_batch_body_size=settings.max_batch_body_size,
         request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
+        first_request_timeout=settings.first_request_timeout,
         max_connections=settings.max_connections)
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=settings.max_body_size,

@@ -283,7 +283,7 @@ def make_workdir(test: Any) -> str:
 # just over it).
 TEST_LIMITS = Limits(max_headers=64, max_header_bytes=16 * 1024, max_body_size=1024,
                      max_batch_body_size=1024 * 1024, request_timeout=10.0,
-                     idle_timeout=60.0, max_connections=1024)
+                     idle_timeout=60.0, first_request_timeout=5.0, max_connections=1024)
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""An orderly stop over real loopback TCP: idle keep-alive connections are
+"""Connections: a new one must send its first request soon; at
+MAX_CONNECTIONS the longest-idle one makes room for a new one; and an
+orderly stop over real loopback TCP: idle keep-alive connections are
 closed at once, a request being received gets its answer, and a client that
 never finishes is cut off after the grace period."""
 
@@ -9,7 +11,93 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from tests.support import ListenerTestCase, RawClient, make_listener, poll_until
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from tests.support import (
+    Exchange,
+    ListenerTestCase,
+    RawClient,
+    make_listener,
+    poll_until,
+    post_bytes,
+)
+
+
+class FirstRequestTimeoutTests(ListenerTestCase):
+    def setUp(self) -> None:
+        self.listen(first_request_timeout=3, idle_timeout=60, request_timeout=10)
+
+    def test_a_connection_that_sends_nothing_is_closed_after_the_first_request_timeout(self):
+        silent = Exchange(self.listener)
+        self.clock.advance(2)
+        self.assertFalse(silent.transport.disconnecting)
+        self.clock.advance(2)  # the reaper looks every second
+        self.assertTrue(silent.transport.disconnecting)
+        self.assertEqual(silent.transport.value(), b"")  # nothing was asked: no answer
+        self.assertEqual(self.metric("estat_events_rejected_total",
+                                     reason="first_request_timeout"), 1)
+
+    def test_a_first_request_under_way_has_the_request_timeout(self):
+        slow = Exchange(self.listener)
+        slow.send(post_bytes(b'{"a":1}')[:20])
+        self.clock.advance(8)
+        self.assertFalse(slow.transport.disconnecting)
+        slow.send(post_bytes(b'{"a":1}')[20:])
+        self.assertEqual([code for code, _, _ in slow.responses()], [202])
+
+    def test_a_keep_alive_connection_keeps_the_idle_timeout(self):
+        client = Exchange(self.listener)
+        client.send(post_bytes(b'{"a":1}'))
+        self.clock.advance(30)
+        self.assertFalse(client.transport.disconnecting)
+        self.clock.advance(31)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(self.metric("estat_events_rejected_total",
+                                     reason="first_request_timeout"), 0)
+
+
+class ConnectionPressureTests(ListenerTestCase):
+    """At MAX_CONNECTIONS the longest-idle connection is closed to admit the
+    new one; only when every connection is busy is the new one refused."""
+
+    def setUp(self) -> None:
+        self.listen(max_connections=3, first_request_timeout=30, idle_timeout=60)
+
+    def connect(self) -> tuple[StringTransport, object]:
+        transport = StringTransport()
+        channel = self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert channel is not None
+        channel.makeConnection(transport)
+        return transport, channel
+
+    def test_the_longest_idle_connection_makes_room_and_busy_ones_are_kept(self):
+        silent = Exchange(self.listener)  # idle since t=0, never asked anything
+        self.clock.advance(1)
+        older = Exchange(self.listener)
+        older.send(post_bytes(b'{"a":1}'))  # idle since t=1
+        self.clock.advance(1)
+        busy = Exchange(self.listener)
+        busy.send(post_bytes(b'{"a":2}')[:30])  # a request arriving
+        new = Exchange(self.listener)
+        self.assertTrue(silent.transport.disconnecting)
+        self.assertFalse(older.transport.disconnecting)
+        new.send(post_bytes(b'{"a":3}')[:30])
+        newer = Exchange(self.listener)
+        self.assertTrue(older.transport.disconnecting)
+        self.assertEqual([code for code, _, _ in older.responses()], [202])
+        newer.send(post_bytes(b'{"a":4}')[:30])
+        # Every open connection is now receiving a request: refuse.
+        transport, _ = self.connect()
+        self.assertIn(b"too_many_connections", transport.value())
+        self.assertTrue(transport.disconnecting)
+        for client, body in ((busy, b'{"a":2}'), (new, b'{"a":3}'), (newer, b'{"a":4}')):
+            client.send(post_bytes(body)[30:])
+            self.assertEqual([code for code, _, _ in client.responses()], [202])
+            self.assertFalse(client.transport.disconnecting)
+        self.assertEqual(self.metric("estat_connections_evicted_total"), 2)
+        self.assertEqual(self.metric("estat_events_rejected_total",
+                                     reason="too_many_connections"), 1)
 
 
 class CloseConnectionsTests(ListenerTestCase):
