@@ -75,6 +75,16 @@ def parse_positive_seconds(text: str) -> float:
     return value
 
 
+def parse_non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a number of seconds, zero or more")
+    return value
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -252,6 +262,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", "WORKERS", parse_positive_int, "1",
            "worker processes sharing the tcp: listening ports, each with its "
            "own queue, batcher, uploader and dead-letter subfolder"),
+    # The default outlasts the shipped etc/haproxy/haproxy.cfg's checks:
+    # `fall 2` failed checks `inter 2s` apart take a host out within 4 s,
+    # and 1 s more covers a check under way.
+    Option("drain-delay", "DRAIN_DELAY", parse_non_negative_seconds, "5",
+           "seconds a stop keeps serving with /readyz answering 503, so that "
+           "load balancers take the host out before its ports close; 0: close "
+           "at once"),
     Option("shutdown-timeout", "SHUTDOWN_TIMEOUT", parse_positive_seconds,
            "30", "seconds a stop may take before unfinished uploads go to "
            "the dead-letter directory"),
@@ -308,6 +325,7 @@ class Settings:
     max_headers: int = _default("max-headers")
     max_header_bytes: int = _default("max-header-bytes")
     workers: int = _default("workers")
+    drain_delay: float = _default("drain-delay")
     shutdown_timeout: float = _default("shutdown-timeout")
 
 

@@ -213,6 +213,7 @@ class EstatServer:
             "ADMIN_LISTEN": f"tcp:{self.admin_port}:interface=127.0.0.1",
             "OUTPUT_DIR": os.path.join(self.workdir, "objects"),
             "DLQ_DIR": os.path.join(self.workdir, "dlq"),
+            "DRAIN_DELAY": "0",  # no balancer to wait for, unless a test says so
         })
         env.update(self.extra_env)
         return env
