@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 
 from tests.support import (
     Exchange,
@@ -178,3 +179,49 @@ class ProxyProtocolTests(unittest.TestCase):
                          what="two answers through the PROXY wrapper")
         self.assertEqual([event.body for event in list(queue)], [b'{"a":1}', b'{"a":2}'])
         self.assertEqual(len(listener.channels), 1)
+
+    @inlineCallbacks
+    def test_a_refusal_is_logged_with_the_client_address_from_the_proxy_header(self):
+        from twisted.internet import endpoints
+
+        setup = make_listener(queue_size=10)
+        port = yield endpoints.serverFromString(
+            reactor, "haproxy:tcp:0:interface=127.0.0.1").listen(setup.listener)
+        self.addCleanup(port.stopListening)
+        client = RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield connectProtocol(endpoint, client)
+        self.addCleanup(client.transport.abortConnection)
+        with capturedLogs() as events:
+            client.transport.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 8080\r\n"
+                                   + post_bytes(b"not json"))
+            yield poll_until(lambda: b"400 Bad Request" in client.data, 10,
+                             what="the 400 through the PROXY wrapper")
+        [said] = [e for e in events if e.get("log_format", "").startswith("refused")]
+        self.assertEqual((said["code"], said["reason"], said["client"]),
+                         (400, "invalid_json", "203.0.113.7:5555"))
+
+
+class RefusalLogTests(ListenerTestCase):
+    """Refusals are logged with the client's address, one line per reason
+    per ten seconds, the next saying how many the quiet period hid."""
+
+    def setUp(self) -> None:
+        self.listen(queue_size=10, max_headers=4)
+
+    def test_refusals_name_the_client_and_are_rate_limited_per_reason(self):
+        with capturedLogs() as events:
+            for _ in range(3):
+                Exchange(self.listener).send(post_bytes(b"not json"))
+            Exchange(self.listener).send(post_bytes(b"{}", extra=b"A: 1\r\nB: 2\r\n"))
+            self.clock.advance(10)
+            Exchange(self.listener).send(post_bytes(b"[]"))
+        said = [(e["code"], e["reason"], e["client"], e["more"]) for e in events
+                if e.get("log_format", "").startswith("refused")]
+        client = "192.168.1.1:54321"  # the peer of a StringTransport
+        self.assertEqual(said, [
+            (400, "invalid_json", client, ""),
+            (431, "headers_too_large", client, ""),
+            (400, "invalid_json", client,
+             " (2 more invalid_json refusals since the last such line)"),
+        ])

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from estat.http.limits import Limits
+from estat.http.refusals import RefusalLog, reason_of
 from estat.http.request import IngestRequest, TooLarge
 from estat.http.response import Answer, error_body, raw_error, response
 from estat.lifecycle import Lifecycle
@@ -291,6 +292,8 @@ class IngestChannel(Protocol):
             # An HTTP/1.0 client keeps the connection only if told it stays.
             headers += _KEEP_ALIVE
         self.counters.count_response(answer.code)
+        if answer.code >= 400:
+            self._log_refusal(answer.code, reason_of(answer.body))
         self._out.append(response(answer.code, answer.body, headers, close,
                                   head_only=request.method == b"HEAD"))
         if close:
@@ -318,7 +321,15 @@ class IngestChannel(Protocol):
         self.started = None
         self.counters.count_response(code)
         self.counters.count_rejected(reason)
+        self._log_refusal(code, reason)
         self._out.append(answer)
+
+    def _log_refusal(self, code: int, reason: str) -> None:
+        """Behind a `haproxy:` listener the transport's peer is the
+        client's address from the PROXY header, not the balancer's."""
+        transport = self.transport
+        self.factory.refusals.refused(code, reason,
+                                      transport.getPeer() if transport is not None else None)
 
     def reap(self, now: float) -> None:
         """408 for a request still arriving after the request timeout; close
@@ -397,6 +408,7 @@ class IngestListener(Factory):
         self.lifecycle = lifecycle
         self.reactor = reactor
         self.channels: set[IngestChannel] = set()
+        self.refusals = RefusalLog(reactor)
         self._closed_waiters: list[Deferred[None]] = []
         self._reaper: Optional[LoopingCall] = None
         counters.gauge_connections(lambda: len(self.channels))
@@ -422,6 +434,7 @@ class IngestListener(Factory):
         if len(self.channels) >= self.limits.max_connections and not self._make_room():
             self.counters.count_rejected("too_many_connections")
             self.counters.count_response(503)
+            self.refusals.refused(503, "too_many_connections", addr)
             return _TooManyConnections()
         return IngestChannel(self)
 
