@@ -65,24 +65,23 @@ def parse_non_negative_int(text: str) -> int:
     return _parse_whole(text, 0, "must be zero or more")
 
 
-def parse_positive_seconds(text: str) -> float:
+def _parse_seconds(text: str, zero_ok: bool) -> float:
     try:
         value = float(text.strip())
     except ValueError:
         raise ValueError("expected a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a number of seconds greater than zero")
+    if not (value >= 0 if zero_ok else value > 0) or value == float("inf"):
+        raise ValueError("must be a number of seconds, zero or more" if zero_ok
+                         else "must be a number of seconds greater than zero")
     return value
+
+
+def parse_positive_seconds(text: str) -> float:
+    return _parse_seconds(text, zero_ok=False)
 
 
 def parse_non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a number of seconds, zero or more")
-    return value
+    return _parse_seconds(text, zero_ok=True)
 
 
 def parse_bool(text: str) -> bool:

@@ -15,14 +15,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
-from tests.support import (
-    Exchange,
-    ListenerTestCase,
-    RawClient,
-    make_listener,
-    poll_until,
-    post_bytes,
-)
+from tests.support import Exchange, ListenerTestCase, RawClient, make_listener
+from tests.support import poll_until, post_bytes
 
 
 class FirstRequestTimeoutTests(ListenerTestCase):
@@ -46,16 +40,6 @@ class FirstRequestTimeoutTests(ListenerTestCase):
         self.assertFalse(slow.transport.disconnecting)
         slow.send(post_bytes(b'{"a":1}')[20:])
         self.assertEqual([code for code, _, _ in slow.responses()], [202])
-
-    def test_a_keep_alive_connection_keeps_the_idle_timeout(self):
-        client = Exchange(self.listener)
-        client.send(post_bytes(b'{"a":1}'))
-        self.clock.advance(30)
-        self.assertFalse(client.transport.disconnecting)
-        self.clock.advance(31)
-        self.assertTrue(client.transport.disconnecting)
-        self.assertEqual(self.metric("estat_events_rejected_total",
-                                     reason="first_request_timeout"), 0)
 
 
 class ConnectionPressureTests(ListenerTestCase):
