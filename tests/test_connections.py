@@ -200,6 +200,8 @@ class RefusalLogTests(ListenerTestCase):
             Exchange(self.listener).send(post_bytes(b"{}", extra=b"A: 1\r\nB: 2\r\n"))
             self.clock.advance(10)
             Exchange(self.listener).send(post_bytes(b"[]"))
+            self.state.lifecycle.start_leaving()  # a health answer, not a refusal
+            Exchange(self.listener).send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         said = [(e["code"], e["reason"], e["client"], e["more"]) for e in events
                 if e.get("log_format", "").startswith("refused")]
         client = "192.168.1.1:54321"  # the peer of a StringTransport

@@ -20,6 +20,9 @@ from twisted.logger import Logger
 _log = Logger()
 
 LOG_INTERVAL = 10.0  # seconds between two log lines of one refusal reason
+# Error answers that refuse nobody: /readyz's 503 is a health answer, asked
+# every few seconds by each balancer while the server starts or stops.
+NOT_REFUSALS = frozenset({"not_ready"})
 
 
 def client_of(address: Optional[IAddress]) -> str:
@@ -52,6 +55,8 @@ class RefusalLog:
         self._hidden: dict[str, int] = {}  # reason -> refusals not logged since
 
     def refused(self, code: int, reason: str, address: Optional[IAddress]) -> None:
+        if reason in NOT_REFUSALS:
+            return
         now = self.clock.seconds()
         last = self._last.get(reason)
         if last is not None and now - last < self.interval:
