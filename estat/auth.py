@@ -97,12 +97,21 @@ class WriteKeys:
     def writer_for(self, authorization: Optional[bytes],
                    write_key: Optional[bytes]) -> tuple[Optional[Writer], str]:
         """(writer, "") when a key is valid, else (None, reason) with reason
-        `auth_missing` or `auth_invalid`."""
-        key = write_key
-        if key is None and authorization is not None:
+        `auth_missing`, `auth_invalid` or `auth_conflict`.
+
+        The key is the first non-empty one of `X-Write-Key` and a Bearer
+        `Authorization`: an empty header is no key (a client library that
+        always sends the header must not hide a valid Bearer token), and two
+        different keys are refused rather than one picked silently."""
+        key = write_key.strip() if write_key is not None else b""
+        bearer = b""
+        if authorization is not None:
             scheme, _, value = authorization.strip().partition(b" ")
             if scheme.lower() == b"bearer":
-                key = value.strip()
+                bearer = value.strip()
+        if key and bearer and key != bearer:
+            return None, "auth_conflict"
+        key = key or bearer
         if not key:
             return None, "auth_missing"
         writer = self._writers.get(_digest(key))

@@ -67,6 +67,9 @@ class IngestState:
     def count_rejected(self, reason: str, amount: int = 1) -> None:
         self._rejected[reason].inc(amount)
 
+    def count_evicted(self) -> None:
+        self.metrics.connections_evicted.inc()
+
     def gauge_connections(self, count: Callable[[], int]) -> None:
         """Export `count()` as the open-connections gauge."""
         self.metrics.open_connections.set_function(count)
@@ -132,6 +135,10 @@ class Collect:
                 headers.get(b"authorization"), headers.get(b"x-write-key"))
             if writer is None:
                 state.count_rejected(reason)
+                if reason == "auth_conflict":
+                    return Answer(400, error_body(
+                        "conflicting_keys",
+                        detail="X-Write-Key and Authorization name different keys"), cors)
                 return Answer(401, error_body(
                     "unauthorized", detail="missing_key" if reason == "auth_missing"
                     else "invalid_key"), (_UNAUTHORIZED,) + cors)

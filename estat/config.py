@@ -67,14 +67,23 @@ def parse_non_negative_int(text: str) -> int:
     return _parse_whole(text, 0, "must be zero or more")
 
 
-def parse_positive_seconds(text: str) -> float:
+def _parse_seconds(text: str, zero_ok: bool) -> float:
     try:
         value = float(text.strip())
     except ValueError:
         raise ValueError("expected a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError("must be a number of seconds greater than zero")
+    if not (value >= 0 if zero_ok else value > 0) or value == float("inf"):
+        raise ValueError("must be a number of seconds, zero or more" if zero_ok
+                         else "must be a number of seconds greater than zero")
     return value
+
+
+def parse_positive_seconds(text: str) -> float:
+    return _parse_seconds(text, zero_ok=False)
+
+
+def parse_non_negative_seconds(text: str) -> float:
+    return _parse_seconds(text, zero_ok=True)
 
 
 def parse_bool(text: str) -> bool:
@@ -244,8 +253,12 @@ OPTIONS: tuple[Option, ...] = (
            "(408 after)"),
     Option("idle-timeout", "IDLE_TIMEOUT", parse_positive_seconds, "60",
            "seconds an idle keep-alive connection stays open"),
+    Option("first-request-timeout", "FIRST_REQUEST_TIMEOUT", parse_positive_seconds, "5",
+           "seconds a new connection has to begin its first request; one that "
+           "sends nothing is closed"),
     Option("max-connections", "MAX_CONNECTIONS", parse_positive_int, "1024",
-           "open ingest connections; further ones get 503 and are closed"),
+           "open ingest connections; at the limit the longest-idle one is "
+           "closed to admit a new one, which gets 503 only when none is idle"),
     Option("max-headers", "MAX_HEADERS", parse_positive_int, "64",
            "most header lines in one request (431 above)"),
     Option("max-header-bytes", "MAX_HEADER_BYTES", parse_positive_size, "16KiB",
@@ -253,6 +266,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", "WORKERS", parse_positive_int, "1",
            "worker processes sharing the tcp: listening ports, each with its "
            "own queue, batcher, uploader and dead-letter subfolder"),
+    # The default outlasts the shipped etc/haproxy/haproxy.cfg's checks:
+    # `fall 2` failed checks `inter 2s` apart take a host out within 4 s,
+    # and 1 s more covers a check under way.
+    Option("drain-delay", "DRAIN_DELAY", parse_non_negative_seconds, "5",
+           "seconds a stop keeps serving with /readyz answering 503, so that "
+           "load balancers take the host out before its ports close; 0: close "
+           "at once"),
     Option("shutdown-timeout", "SHUTDOWN_TIMEOUT", parse_positive_seconds,
            "30", "seconds a stop may take before unfinished uploads go to "
            "the dead-letter directory"),
@@ -304,10 +324,12 @@ class Settings:
     cors_allowed_origins: str = _default("cors-allowed-origins")
     request_timeout: float = _default("request-timeout")
     idle_timeout: float = _default("idle-timeout")
+    first_request_timeout: float = _default("first-request-timeout")
     max_connections: int = _default("max-connections")
     max_headers: int = _default("max-headers")
     max_header_bytes: int = _default("max-header-bytes")
     workers: int = _default("workers")
+    drain_delay: float = _default("drain-delay")
     shutdown_timeout: float = _default("shutdown-timeout")
 
 

@@ -1,8 +1,12 @@
-"""Where the server is in its life: starting, running, draining, stopped.
+"""Where the server is in its life: starting, running, leaving, draining,
+stopped.
 
 One object, written by the service and read by the request path: `/readyz`
-is 200 only while running, `/collect` answers 503 and every connection
-closes after its answer once draining has begun."""
+is 200 only while running; while leaving (the first step of a stop) the
+server still serves `/collect` as before, so that a load balancer learns of
+the stop from `/readyz` and takes the host out before its ports close;
+`/collect` answers 503 and every connection closes after its answer once
+draining has begun."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ class Phase(Enum):
 
     STARTING = "starting"
     RUNNING = "running"
+    LEAVING = "leaving"  # unready, still serving: the balancer takes the host out
     DRAINING = "draining"
     STOPPED = "stopped"
 
@@ -34,6 +39,12 @@ class Lifecycle:
         """Every listener listens: accept events (unless a stop came first)."""
         if self.phase is Phase.STARTING:
             self._move(Phase.RUNNING)
+
+    def start_leaving(self) -> None:
+        """A stop has begun on a running server: unready, but still
+        accepting events (from RUNNING only; otherwise a no-op)."""
+        if self.phase is Phase.RUNNING:
+            self._move(Phase.LEAVING)
 
     def start_draining(self) -> None:
         """A stop has begun: accept nothing new (from any earlier phase;

@@ -32,11 +32,13 @@ REJECT_REASONS = (
     "invalid_encoding",
     "auth_missing",
     "auth_invalid",
+    "auth_conflict",
     "forbidden_origin",
     "request_timeout",
     "headers_too_large",
     "bad_request",
     "too_many_connections",
+    "first_request_timeout",
 )
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (
@@ -181,6 +183,9 @@ class Metrics:
             self.loop_errors.labels(loop=loop)
         self.open_connections = Gauge(
             "estat_open_connections", "Open connections on the ingest listener", registry=r)
+        self.connections_evicted = ReactorCounter(
+            "estat_connections_evicted", "Idle connections closed to admit a new one at "
+            "MAX_CONNECTIONS", registry=r)
         self.ready = Gauge(
             "estat_ready", "1 when /readyz answers 200", registry=r)
 

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,7 +47,7 @@ from estat.config import Settings
 from estat.dlq.spool import DeadLetterQueue
 from estat.http.channel import IngestListener
 from estat.http.limits import Limits
-from estat.lifecycle import Lifecycle
+from estat.lifecycle import Lifecycle, Phase
 from estat.loops import LoopService
 from estat.metrics import Metrics
 from estat.model import Batch, EncodedObject
@@ -159,6 +160,7 @@ def build(settings: Settings, reactor: IIngestReactor,
         max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
         max_body_size=settings.max_body_size, max_batch_body_size=settings.max_batch_body_size,
         request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
+        first_request_timeout=settings.first_request_timeout,
         max_connections=settings.max_connections)
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=settings.max_body_size,
@@ -399,27 +401,42 @@ class IngestService(MultiService):
     def stopService(self) -> "Deferred[None]":
         if self._stopping is None:
             Service.stopService(self)  # the children stop in order, in _stop
+            if self.lifecycle.phase is Phase.STARTING:
+                # A start still under way finishes, but never becomes ready:
+                # no balancer sent anything, so no DRAIN_DELAY either.
+                self.lifecycle.start_draining()
             self._stopping = Deferred.fromCoroutine(self._stop())
         return self._stopping
 
     async def _stop(self) -> None:
-        """The ordered stop, bounded by SHUTDOWN_TIMEOUT:
-        1. stop accepting: /readyz and /collect answer 503, the ports close;
-        2. idle keep-alive connections close, busy ones get their answer;
-        3. the open batch and the event queue are flushed into batches;
-        4. every upload finishes; at the deadline what is left is cancelled
-           and goes to the dead-letter directory instead (never dropped);
-        5. the store, the admin listener and the thread pool stop."""
+        """The ordered stop, bounded by DRAIN_DELAY + SHUTDOWN_TIMEOUT:
+        1. leave: /readyz answers 503 for DRAIN_DELAY while /collect is
+           served as before, so that load balancers take the host out
+           (skipped when the server never became ready);
+        2. stop accepting: /collect answers 503, the ports close;
+        3. idle keep-alive connections close, busy ones get their answer;
+        4. the open batch and the event queue are flushed into batches;
+        5. every upload finishes; SHUTDOWN_TIMEOUT after step 2 what is left
+           is cancelled and goes to the dead-letter directory instead
+           (never dropped);
+        6. the store, the admin listener and the thread pool stop."""
         parts = self.parts
         if self._started is not None:
             # A start still under way (a slow dead-letter scan, say) must
             # not hold up a SIGTERM: cancel it; one that failed has said so.
             self._started.cancel()
             await self._started
-        started_at = self.reactor.seconds()
-        timeout = self.settings.shutdown_timeout
+        begun = self.reactor.seconds()
+        delay, timeout = self.settings.drain_delay, self.settings.shutdown_timeout
         if self.own_signals:
             ignore_further_signals(timeout)
+        if self.lifecycle.running and delay > 0:
+            self.lifecycle.start_leaving()
+            _log.info("stopping: /readyz answers 503, still accepting events for "
+                      "{delay}s (DRAIN_DELAY) so that load balancers take this host out",
+                      delay=delay)
+            await deferLater(self.reactor, delay, lambda: None)
+        started_at = self.reactor.seconds()
         self.lifecycle.start_draining()
         _log.info("stopping: no longer accepting events (deadline {timeout}s)",
                   timeout=timeout)
@@ -429,8 +446,9 @@ class IngestService(MultiService):
             await self.batcher_service.stopService()
         queued, open_events = len(parts.queue), parts.batcher.open_events()
         parts.batcher.flush_all()
-        _log.info("flushed {events} queued events; waiting for {batches} batches to upload",
-                  events=queued + open_events, batches=parts.uploader.depth())
+        _log.info("flushed {events} queued events; waiting for {batches} batches to upload "
+                  "({in_flight} in flight)", events=queued + open_events,
+                  batches=parts.uploader.unfinished(), in_flight=parts.uploader.in_flight())
         await self.drain_service.stopService()
         await self._uploads_finished(deadline=started_at + timeout)
         await parts.store.close()
@@ -438,7 +456,7 @@ class IngestService(MultiService):
         self.pool_service.stopService()
         self.lifecycle.stopped()
         _log.info("stopped in {seconds:.1f}s: every accepted event is stored or "
-                  "dead-lettered", seconds=self.reactor.seconds() - started_at)
+                  "dead-lettered", seconds=self.reactor.seconds() - begun)
 
     async def _uploads_finished(self, deadline: float) -> None:
         """Wait for every upload; at `deadline`, cancel those under way and

@@ -213,6 +213,7 @@ class EstatServer:
             "ADMIN_LISTEN": f"tcp:{self.admin_port}:interface=127.0.0.1",
             "OUTPUT_DIR": os.path.join(self.workdir, "objects"),
             "DLQ_DIR": os.path.join(self.workdir, "dlq"),
+            "DRAIN_DELAY": "0",  # no balancer to wait for, unless a test says so
         })
         env.update(self.extra_env)
         return env
@@ -283,7 +284,7 @@ def make_workdir(test: Any) -> str:
 # just over it).
 TEST_LIMITS = Limits(max_headers=64, max_header_bytes=16 * 1024, max_body_size=1024,
                      max_batch_body_size=1024 * 1024, request_timeout=10.0,
-                     idle_timeout=60.0, max_connections=1024)
+                     idle_timeout=60.0, first_request_timeout=5.0, max_connections=1024)
 
 
 @dataclass

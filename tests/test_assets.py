@@ -291,9 +291,10 @@ class SystemdUnitTests(TestCase):
 
     def test_stop_timeout_exceeds_shutdown_timeout(self) -> None:
         """systemd must not SIGKILL a drain: TimeoutStopSec is above the
-        default SHUTDOWN_TIMEOUT, and above the SHUTDOWN_TIMEOUT + 15 s after
+        default DRAIN_DELAY + SHUTDOWN_TIMEOUT, and above that + 15 s after
         which the parent of --workers N kills a worker still stopping."""
-        shutdown = parse_positive_seconds(default_of("SHUTDOWN_TIMEOUT"))
+        shutdown = (parse_positive_seconds(default_of("SHUTDOWN_TIMEOUT"))
+                    + parse_positive_seconds(default_of("DRAIN_DELAY")))
         for path in UNITS:
             stop = unit_settings(path)["Service.TimeoutStopSec"][-1]
             self.assertGreater(systemd_seconds(stop), shutdown + 15, path)

@@ -34,6 +34,16 @@ class TokensFileTests(unittest.TestCase):
         self.assertEqual(keys.writer_for(b"Bearer nope-nope-nope-nope", None),
                          (None, "auth_invalid"))
 
+    def test_first_non_empty_key_wins_and_two_keys_conflict(self):
+        keys = WriteKeys("x", parse_tokens(TOKENS))
+        bearer = b"Bearer " + KEY_A.encode()
+        self.assertEqual(keys.writer_for(bearer, b"")[0].name, "web")
+        self.assertEqual(keys.writer_for(bearer, b"  ")[0].name, "web")
+        self.assertEqual(keys.writer_for(b"Bearer ", KEY_B.encode())[0].name, "backend")
+        self.assertEqual(keys.writer_for(bearer, KEY_A.encode())[0].name, "web")
+        self.assertEqual(keys.writer_for(bearer, KEY_B.encode()), (None, "auth_conflict"))
+        self.assertEqual(keys.writer_for(b"Bearer", b""), (None, "auth_missing"))
+
     def test_bad_files_name_the_line(self):
         for text, message in [("short name\n", "line 1: a key must be at least 16"),
                               (f"{KEY_A} a b c\n", "line 1 has more than"),
@@ -92,6 +102,22 @@ class AuthenticatedCollectTests(ListenerTestCase):
         self.assertEqual(list(self.queue), [])
         for reason in ("auth_missing", "auth_invalid"):
             self.assertEqual(self.metric("estat_events_rejected_total", reason=reason), 1)
+
+    def test_empty_write_key_header_falls_back_to_bearer(self):
+        code, _, _ = self.one(post_bytes(b'{"a":1}', extra=b"X-Write-Key: \r\n"
+                                         b"Authorization: Bearer %s\r\n" % KEY_A.encode()))
+        self.assertEqual(code, 202)
+        self.assertEqual(list(self.queue), [(7, b'{"a":1}', "source=web")])
+
+    def test_two_different_keys_are_a_400_naming_the_conflict(self):
+        code, _, body = self.one(post_bytes(
+            b'{"a":1}', extra=b"X-Write-Key: %s\r\nAuthorization: Bearer %s\r\n"
+            % (KEY_B.encode(), KEY_A.encode())))
+        self.assertEqual((code, json.loads(body)),
+                         (400, {"error": "conflicting_keys",
+                                "detail": "X-Write-Key and Authorization name different keys"}))
+        self.assertEqual(list(self.queue), [])
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="auth_conflict"), 1)
 
     def test_valid_keys_queue_events_with_their_writer_segment(self):
         code, _, _ = self.one(post_bytes(b'{"a":1}', extra=b"Authorization: Bearer %s\r\n"

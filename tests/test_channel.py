@@ -173,6 +173,9 @@ class _Counts:
     def count_rejected(self, reason: str) -> None:
         self.rejected.append(reason)
 
+    def count_evicted(self) -> None:
+        self.rejected.append("evicted")
+
     def gauge_connections(self, count) -> None:
         self.open_connections = count
 

@@ -1,4 +1,6 @@
-"""An orderly stop over real loopback TCP: idle keep-alive connections are
+"""Connections: a new one must send its first request soon; at
+MAX_CONNECTIONS the longest-idle one makes room for a new one; and an
+orderly stop over real loopback TCP: idle keep-alive connections are
 closed at once, a request being received gets its answer, and a client that
 never finishes is cut off after the grace period."""
 
@@ -9,7 +11,78 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from tests.support import ListenerTestCase, RawClient, make_listener, poll_until
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+
+from tests.support import Exchange, ListenerTestCase, RawClient, make_listener
+from tests.support import poll_until, post_bytes
+
+
+class FirstRequestTimeoutTests(ListenerTestCase):
+    def setUp(self) -> None:
+        self.listen(first_request_timeout=3, idle_timeout=60, request_timeout=10)
+
+    def test_a_connection_that_sends_nothing_is_closed_after_the_first_request_timeout(self):
+        silent = Exchange(self.listener)
+        self.clock.advance(2)
+        self.assertFalse(silent.transport.disconnecting)
+        self.clock.advance(2)  # the reaper looks every second
+        self.assertTrue(silent.transport.disconnecting)
+        self.assertEqual(silent.transport.value(), b"")  # nothing was asked: no answer
+        self.assertEqual(self.metric("estat_events_rejected_total",
+                                     reason="first_request_timeout"), 1)
+
+    def test_a_first_request_under_way_has_the_request_timeout(self):
+        slow = Exchange(self.listener)
+        slow.send(post_bytes(b'{"a":1}')[:20])
+        self.clock.advance(8)
+        self.assertFalse(slow.transport.disconnecting)
+        slow.send(post_bytes(b'{"a":1}')[20:])
+        self.assertEqual([code for code, _, _ in slow.responses()], [202])
+
+
+class ConnectionPressureTests(ListenerTestCase):
+    """At MAX_CONNECTIONS the longest-idle connection is closed to admit the
+    new one; only when every connection is busy is the new one refused."""
+
+    def setUp(self) -> None:
+        self.listen(max_connections=3, first_request_timeout=30, idle_timeout=60)
+
+    def connect(self) -> tuple[StringTransport, object]:
+        transport = StringTransport()
+        channel = self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert channel is not None
+        channel.makeConnection(transport)
+        return transport, channel
+
+    def test_the_longest_idle_connection_makes_room_and_busy_ones_are_kept(self):
+        silent = Exchange(self.listener)  # idle since t=0, never asked anything
+        self.clock.advance(1)
+        older = Exchange(self.listener)
+        older.send(post_bytes(b'{"a":1}'))  # idle since t=1
+        self.clock.advance(1)
+        busy = Exchange(self.listener)
+        busy.send(post_bytes(b'{"a":2}')[:30])  # a request arriving
+        new = Exchange(self.listener)
+        self.assertTrue(silent.transport.disconnecting)
+        self.assertFalse(older.transport.disconnecting)
+        new.send(post_bytes(b'{"a":3}')[:30])
+        newer = Exchange(self.listener)
+        self.assertTrue(older.transport.disconnecting)
+        self.assertEqual([code for code, _, _ in older.responses()], [202])
+        newer.send(post_bytes(b'{"a":4}')[:30])
+        # Every open connection is now receiving a request: refuse.
+        transport, _ = self.connect()
+        self.assertIn(b"too_many_connections", transport.value())
+        self.assertTrue(transport.disconnecting)
+        for client, body in ((busy, b'{"a":2}'), (new, b'{"a":3}'), (newer, b'{"a":4}')):
+            client.send(post_bytes(body)[30:])
+            self.assertEqual([code for code, _, _ in client.responses()], [202])
+            self.assertFalse(client.transport.disconnecting)
+        self.assertEqual(self.metric("estat_connections_evicted_total"), 2)
+        self.assertEqual(self.metric("estat_events_rejected_total",
+                                     reason="too_many_connections"), 1)
 
 
 class CloseConnectionsTests(ListenerTestCase):
@@ -90,3 +163,51 @@ class ProxyProtocolTests(unittest.TestCase):
                          what="two answers through the PROXY wrapper")
         self.assertEqual([event.body for event in list(queue)], [b'{"a":1}', b'{"a":2}'])
         self.assertEqual(len(listener.channels), 1)
+
+    @inlineCallbacks
+    def test_a_refusal_is_logged_with_the_client_address_from_the_proxy_header(self):
+        from twisted.internet import endpoints
+
+        setup = make_listener(queue_size=10)
+        port = yield endpoints.serverFromString(
+            reactor, "haproxy:tcp:0:interface=127.0.0.1").listen(setup.listener)
+        self.addCleanup(port.stopListening)
+        client = RawClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield connectProtocol(endpoint, client)
+        self.addCleanup(client.transport.abortConnection)
+        with capturedLogs() as events:
+            client.transport.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 8080\r\n"
+                                   + post_bytes(b"not json"))
+            yield poll_until(lambda: b"400 Bad Request" in client.data, 10,
+                             what="the 400 through the PROXY wrapper")
+        [said] = [e for e in events if e.get("log_format", "").startswith("refused")]
+        self.assertEqual((said["code"], said["reason"], said["client"]),
+                         (400, "invalid_json", "203.0.113.7:5555"))
+
+
+class RefusalLogTests(ListenerTestCase):
+    """Refusals are logged with the client's address, one line per reason
+    per ten seconds, the next saying how many the quiet period hid."""
+
+    def setUp(self) -> None:
+        self.listen(queue_size=10, max_headers=4)
+
+    def test_refusals_name_the_client_and_are_rate_limited_per_reason(self):
+        with capturedLogs() as events:
+            for _ in range(3):
+                Exchange(self.listener).send(post_bytes(b"not json"))
+            Exchange(self.listener).send(post_bytes(b"{}", extra=b"A: 1\r\nB: 2\r\n"))
+            self.clock.advance(10)
+            Exchange(self.listener).send(post_bytes(b"[]"))
+            self.state.lifecycle.start_leaving()  # a health answer, not a refusal
+            Exchange(self.listener).send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        said = [(e["code"], e["reason"], e["client"], e["more"]) for e in events
+                if e.get("log_format", "").startswith("refused")]
+        client = "192.168.1.1:54321"  # the peer of a StringTransport
+        self.assertEqual(said, [
+            (400, "invalid_json", client, ""),
+            (431, "headers_too_large", client, ""),
+            (400, "invalid_json", client,
+             " (2 more invalid_json refusals since the last such line)"),
+        ])

@@ -15,6 +15,7 @@ from estat.codec import (
     encode_batch,
     encode_batch_safely,
     event_line,
+    raw_line,
     verify_gzip,
 )
 from estat.model import Batch, Event, new_batch_id, object_key
@@ -42,12 +43,25 @@ class EncodeTests(unittest.TestCase):
         lines = raw.split(b"\n")[:-1]
         self.assertEqual(len(lines), 3)
         for i, (line, body) in enumerate(zip(lines, bodies)):
-            self.assertEqual(line, b'{"ts":%d,"body":%s}' % (TS + i, body))
-            self.assertEqual(json.loads(line), {"ts": TS + i, "body": json.loads(body)})
+            self.assertEqual(line, b'{"ts":1700000000.%03d,"body":%s}' % (123 + i, body))
+            self.assertEqual(json.loads(line), {"ts": (TS + i) / 1000, "body": json.loads(body)})
         self.assertEqual(obj.event_count, 3)
         self.assertEqual(obj.uncompressed_bytes, len(raw))
         self.assertEqual((obj.first_ts_ms, obj.last_ts_ms), (TS, TS + 2))
         self.assertEqual(obj.key, "raw/dt=2023-11-14/hour=22/h1-01HF0000000000000000000000.jsonl.gz")
+
+    def test_ts_is_epoch_seconds_with_milliseconds_as_a_fraction(self):
+        """The line's `ts` is seconds, as a reader (DuckDB's to_timestamp,
+        Python's datetime.fromtimestamp) takes an epoch number; the
+        milliseconds are kept as three decimals, zeros included."""
+        self.assertEqual(event_line(1700000000005, b"{}"), b'{"ts":1700000000.005,"body":{}}\n')
+        self.assertEqual(event_line(1700000000000, b"{}"), b'{"ts":1700000000.000,"body":{}}\n')
+        self.assertEqual(event_line(7, b"{}"), b'{"ts":0.007,"body":{}}\n')
+        self.assertEqual(raw_line(1700000000120, b"x", "invalid_json"),
+                         b'{"ts":1700000000.120,"error":"invalid_json","body_b64":"eA=="}\n')
+        [obj] = encode_batch(batch(b'{"a":1}'), validated=True, prefix="raw",
+                             raw_prefix="raw_dlq", host_id="h")
+        self.assertEqual(json.loads(lines_of(obj.data)[0])["ts"], 1700000000.123)
 
     def test_line_breaks_between_tokens_become_spaces(self):
         line = event_line(TS, b'{\r\n  "a": "x"\n}')
@@ -67,7 +81,7 @@ class EncodeTests(unittest.TestCase):
                          [b"not json", b"\xff\xfe", b"[1]"])
         self.assertEqual([r["error"] for r in records],
                          ["invalid_json", "invalid_utf8", "not_object"])
-        self.assertEqual([r["ts"] for r in records], [TS + 1, TS + 2, TS + 3])
+        self.assertEqual([round(r["ts"] * 1000) for r in records], [TS + 1, TS + 2, TS + 3])
 
     def test_all_invalid_batch_writes_only_a_raw_object(self):
         [raw] = encode_batch(batch(b"x"), validated=False, prefix="raw",
@@ -187,18 +201,20 @@ class EncodeProperties(unittest.TestCase):
 
     @settings(max_examples=100, deadline=None)
     @given(st.lists(st.sampled_from([b'{"a":1}', b'{\n"a" :\r\n2}', b"{}", b'{"s":"x"}']),
-                    min_size=1, max_size=700), st.integers(0, 3))
-    def test_the_fast_path_writes_what_event_line_writes(self, bodies, segmented):
+                    min_size=1, max_size=700), st.integers(0, 3),
+           st.integers(0, 4102444800000), st.integers(0, 1999))
+    def test_the_fast_path_writes_what_event_line_writes(self, bodies, segmented, start, step):
         """Valid events without a segment take a C-level path in slices;
-        with one segmented event, the loop per event. Same text either way."""
-        events = [Event(TS + i, body) for i, body in enumerate(bodies)]
+        with one segmented event, the loop per event. Same text either way,
+        whatever the milliseconds."""
+        events = [Event(start + i * step, body) for i, body in enumerate(bodies)]
         expected = b"".join(event_line(ts, body) for ts, body, _ in events)
         [fast] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
                               raw_prefix="raw_dlq", host_id="h")
         self.assertEqual(gzip.decompress(fast.data), expected)
         self.assertEqual(fast.uncompressed_bytes, len(expected))
         if segmented:
-            events[0] = Event(TS, bodies[0], "source=web")
+            events[0] = Event(events[0].ts, bodies[0], "source=web")
             objects = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
                                    raw_prefix="raw_dlq", host_id="h")
             text = b"".join(gzip.decompress(o.data) for o in reversed(objects))
@@ -214,10 +230,11 @@ class EncodeProperties(unittest.TestCase):
             for line in lines_of(obj.data)[:-1]:
                 record = json.loads(line)
                 if obj.kind == "raw":
-                    recovered.append((record["ts"], base64.b64decode(record["body_b64"])))
+                    recovered.append((round(record["ts"] * 1000),
+                                      base64.b64decode(record["body_b64"])))
                 else:
                     self.assertIsInstance(record["body"], dict)
-                    recovered.append((record["ts"], None))
+                    recovered.append((round(record["ts"] * 1000), None))
         self.assertEqual(sorted(ts for ts, _ in recovered), [TS + i for i in range(len(bodies))])
         for ts, body in recovered:
             if body is not None:

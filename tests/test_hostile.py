@@ -79,7 +79,11 @@ class LimitTests(ListenerTestCase):
             self.assertEqual((code, json.loads(body)), (400, {"error": "bad_request"}), raw)
 
     def test_connections_over_the_limit_get_503_and_are_closed(self):
+        """When every open connection is busy (an idle one would be closed
+        to make room instead)."""
         clients = [Exchange(self.listener) for _ in range(3)]
+        for client in clients:
+            client.send(post_bytes(b'{"a":1}')[:20])
         from twisted.internet.testing import StringTransport
 
         extra = self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
@@ -90,7 +94,7 @@ class LimitTests(ListenerTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.rejected("too_many_connections"), 1)
         for client in clients:
-            client.send(post_bytes(b'{"a":1}'))
+            client.send(post_bytes(b'{"a":1}')[20:])
             self.assertEqual(client.responses()[0][0], 202)
 
 

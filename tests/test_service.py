@@ -200,7 +200,8 @@ class ServiceHarness:
                         output_dir=os.path.join(workdir, "objects"),
                         dlq_dir=os.path.join(workdir, "dlq"), batch_size=3,
                         flush_interval=5.0, upload_queue_size=4, upload_concurrency=2,
-                        event_queue_size=100, shutdown_timeout=30.0, host_id="h")
+                        event_queue_size=100, shutdown_timeout=30.0, drain_delay=0.0,
+                        host_id="h")
         settings.update(overrides)
         self.settings = Settings(**settings)
         self.parts = build(self.settings, self.reactor, pool=self.pool, store=self.store)
@@ -345,6 +346,60 @@ class StopTests(unittest.TestCase):
         self.assertEqual(h.parts.lifecycle.phase, Phase.STOPPED)
         self.assertEqual(h.stored_numbers(), list(range(7)))
         self.assertEqual(h.parts.dlq.entry_names(), [])
+
+    def test_a_stop_leaves_the_pool_first_while_still_serving(self):
+        """DRAIN_DELAY: /readyz answers 503 at once, on both listeners, but
+        /collect is answered as before (202, keep-alive) until the delay is
+        over; only then do the ports close and the rest of the stop run."""
+        h = ServiceHarness(self, drain_delay=5.0)
+        idle, busy = self.accept(h)
+        del h.log[:]
+        with capturedLogs() as events:
+            stopped = h.service.stopService()
+        self.assertEqual(h.log, [])  # no port closed, no connection closed
+        self.assertEqual(h.parts.lifecycle.phase, Phase.LEAVING)
+        answer = readiness(h.parts.state)
+        self.assertEqual((answer.code, json.loads(answer.body)["status"]), (503, "leaving"))
+        self.assertEqual(h.metric("estat_ready"), 0)
+        self.assertTrue([e for e in events if "DRAIN_DELAY" in e.get("log_format", "")])
+        h.reactor.advance(4.9)
+        idle.send(post(b'{"n":7}'))
+        self.assertEqual(idle.answers(), [202] * 8)
+        self.assertFalse(idle.transport.disconnecting)
+        # The pipeline runs on (the batcher cut a batch), but nothing closed.
+        self.assertEqual(h.log, ["put 3"])
+        self.assertTrue(h.reactor.ports["8080"].listening)
+        self.assertNoResult(stopped)
+        h.reactor.advance(0.2)
+        self.assertEqual(h.log[1:], ["stop 8080 (readyz 503)", "closed idle"])
+        self.assertEqual(h.parts.lifecycle.phase, Phase.DRAINING)
+        busy.send(post(b'{"n":99}')[-3:])
+        self.assertEqual(busy.answers(), [503])
+        while h.store.pending:
+            h.store.finish_all()
+        self.successResultOf(stopped)
+        self.assertEqual(h.stored_numbers(), list(range(8)))
+        self.assertEqual(h.log[-3:], ["store close (0 unanswered)", "stop 9100 (readyz 503)",
+                                      "pool stop"])
+
+    def test_a_server_that_never_became_ready_does_not_wait_the_drain_delay(self):
+        h = ServiceHarness(self, manual=False, drain_delay=5.0)
+        h.pool.hold = True
+        h.start()
+        stopped = h.service.stopService()
+        h.pool.run_held()
+        self.successResultOf(stopped)
+        self.assertEqual(h.reactor.seconds(), 0)
+
+    def test_the_stop_log_counts_the_batches_in_flight_too(self):
+        h = ServiceHarness(self)
+        self.accept(h)
+        with capturedLogs() as events:
+            h.service.stopService()
+            h.reactor.advance(5.1)  # the busy connection's grace is over
+        [said] = [e for e in events if "waiting for" in e.get("log_format", "")]
+        # 0-2 and 3-5 are uploading, 6 waits its turn.
+        self.assertEqual((said["batches"], said["in_flight"]), (3, 2))
 
     def test_at_the_deadline_uploads_are_cancelled_into_the_dead_letter_queue(self):
         h = ServiceHarness(self)

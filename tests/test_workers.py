@@ -210,7 +210,7 @@ class SupervisorTests(TestCase):
         first, second = self.reactor.spawned
         stopped = self.supervisor.stopService()
         first.end()
-        self.reactor.advance(10.0 + 15.0 - 0.01)
+        self.reactor.advance(5.0 + 10.0 + 15.0 - 0.01)  # DRAIN_DELAY + SHUTDOWN_TIMEOUT + grace
         self.assertEqual(second.signals, ["TERM"])
         self.reactor.advance(0.01)
         self.assertEqual(second.signals, ["TERM", "KILL"])

@@ -12,8 +12,12 @@ order, so pipelining and keep-alive need no queue. It defends itself: a
 body over its limit is refused before it is read (413, no `100 Continue`),
 a whole request must arrive within REQUEST_TIMEOUT of its first byte (408),
 header limits get 431, anything llhttp cannot parse gets 400, and it stops
-reading while the client does not read its answers. The listener knows its
-connections, so a stop can close the idle ones and wait for the busy ones.
+reading while the client does not read its answers. A new connection must
+begin its first request within FIRST_REQUEST_TIMEOUT, and at MAX_CONNECTIONS
+the longest-idle connection is closed to admit a new one (a 503 only when
+every connection is busy), so silent sockets cannot lock clients out. The
+listener knows its connections, so a stop can close the idle ones and wait
+for the busy ones.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from estat.http.limits import Limits
+from estat.http.refusals import RefusalLog, reason_of
 from estat.http.request import IngestRequest, TooLarge
 from estat.http.response import Answer, error_body, raw_error, response
 from estat.lifecycle import Lifecycle
@@ -62,6 +67,9 @@ class ListenerCounters(typing.Protocol):
     def count_response(self, code: int) -> None: ...
 
     def count_rejected(self, reason: str) -> None: ...
+
+    def count_evicted(self) -> None:
+        """An idle connection was closed to admit a new one."""
 
     def gauge_connections(self, count: Callable[[], int]) -> None:
         """Report `count()` as the number of open connections."""
@@ -93,6 +101,7 @@ class IngestChannel(Protocol):
         self.lifecycle = listener.lifecycle
         self.parser = HttpRequestParser(self)
         # The connection.
+        self.opened = 0.0  # when the connection was made
         self.last_active = 0.0  # when input last arrived
         self._network: Optional[IPushProducer] = None  # the transport, when it can pause reading
         self._paused = False  # the client is not reading its answers
@@ -118,7 +127,7 @@ class IngestChannel(Protocol):
 
     def connectionMade(self) -> None:
         listener = self.factory
-        self.last_active = listener.reactor.seconds()
+        self.opened = self.last_active = listener.reactor.seconds()
         listener.channels.add(self)
         transport = self.transport
         if ITCPTransport.providedBy(transport):
@@ -136,6 +145,16 @@ class IngestChannel(Protocol):
     def idle(self) -> bool:
         """No request is arriving on this connection."""
         return not self._in_message
+
+    @property
+    def closing(self) -> bool:
+        """Its last answer is written and the close has begun."""
+        return self._closing
+
+    def evictable(self) -> bool:
+        """Idle and open, with nothing held to parse: closing it loses no
+        request (it has none under way, or has never sent one)."""
+        return not self._in_message and not self._done and self._held is None
 
     # Reading
 
@@ -273,6 +292,8 @@ class IngestChannel(Protocol):
             # An HTTP/1.0 client keeps the connection only if told it stays.
             headers += _KEEP_ALIVE
         self.counters.count_response(answer.code)
+        if answer.code >= 400:
+            self._log_refusal(answer.code, reason_of(answer.body))
         self._out.append(response(answer.code, answer.body, headers, close,
                                   head_only=request.method == b"HEAD"))
         if close:
@@ -300,13 +321,23 @@ class IngestChannel(Protocol):
         self.started = None
         self.counters.count_response(code)
         self.counters.count_rejected(reason)
+        self._log_refusal(code, reason)
         self._out.append(answer)
+
+    def _log_refusal(self, code: int, reason: str) -> None:
+        """Behind a `haproxy:` listener the transport's peer is the
+        client's address from the PROXY header, not the balancer's."""
+        transport = self.transport
+        self.factory.refusals.refused(code, reason,
+                                      transport.getPeer() if transport is not None else None)
 
     def reap(self, now: float) -> None:
         """408 for a request still arriving after the request timeout; close
-        a connection idle for the idle timeout; abort one whose client has
-        not taken its last answer a request timeout after the close (a close
-        waits for the answers to be sent, so they would stay in memory)."""
+        a new connection that has not begun a request within the first
+        request timeout, and a keep-alive connection idle for the idle
+        timeout; abort one whose client has not taken its last answer a
+        request timeout after the close (a close waits for the answers to
+        be sent, so they would stay in memory)."""
         request_timeout = self.limits.request_timeout
         if self._closing:
             if now - self._closing_at > request_timeout and self.transport is not None:
@@ -318,9 +349,12 @@ class IngestChannel(Protocol):
             self._finish(raw_error(408, "request_timeout", seconds=request_timeout),
                          408, "request_timeout")
             self._flush()
+        elif self.started is None and self._messages == 0:
+            if now - self.opened > self.limits.first_request_timeout:
+                self.counters.count_rejected("first_request_timeout")
+                self.close_if_idle()
         elif self.started is None and now - self.last_active > self.limits.idle_timeout:
-            self._done = True
-            self._flush()
+            self.close_if_idle()
 
     def close_if_idle(self) -> None:
         if not self._in_message and not self._done:
@@ -344,6 +378,10 @@ class IngestChannel(Protocol):
 
     def stopProducing(self) -> None:
         self._done = True
+
+
+def _last_active(channel: IngestChannel) -> float:
+    return channel.last_active
 
 
 class _TooManyConnections(Protocol):
@@ -370,19 +408,22 @@ class IngestListener(Factory):
         self.lifecycle = lifecycle
         self.reactor = reactor
         self.channels: set[IngestChannel] = set()
+        self.refusals = RefusalLog(reactor)
         self._closed_waiters: list[Deferred[None]] = []
         self._reaper: Optional[LoopingCall] = None
         counters.gauge_connections(lambda: len(self.channels))
 
     def startFactory(self) -> None:
-        """Start the reaper. It looks a few times per request timeout for
-        requests arriving too slowly (a 408 comes at most a quarter of the
-        timeout late) and for idle connections: one timer per listener, not
-        one per request."""
+        """Start the reaper. It looks a few times per timeout for requests
+        arriving too slowly (a 408 comes at most a quarter of the timeout
+        late), for connections that send nothing and for idle ones: one
+        timer per listener, not one per request."""
         reaper = self._reaper = LoopingCall(guarded("reaper", self.counters.loop_errors,
                                                     self._reap))
         reaper.clock = self.reactor
-        reaper.start(min(1.0, self.limits.request_timeout / 4), now=False)
+        limits = self.limits
+        reaper.start(min(1.0, limits.request_timeout / 4, limits.first_request_timeout / 4),
+                     now=False)
 
     def stopFactory(self) -> None:
         if self._reaper is not None and self._reaper.running:
@@ -390,11 +431,32 @@ class IngestListener(Factory):
         self._reaper = None
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
-        if len(self.channels) >= self.limits.max_connections:
+        if len(self.channels) >= self.limits.max_connections and not self._make_room():
             self.counters.count_rejected("too_many_connections")
             self.counters.count_response(503)
+            self.refusals.refused(503, "too_many_connections", addr)
             return _TooManyConnections()
         return IngestChannel(self)
+
+    def _make_room(self) -> bool:
+        """At the connection limit: whether one more may open. Connections
+        already closing do not count (they are gone once their last answer
+        is sent, or aborted a request timeout later), up to twice the limit
+        in all; otherwise the longest-idle connection is closed for the new
+        one. Only when every connection is busy is the new one refused.
+        Scans the connections, but only at the limit."""
+        limit = self.limits.max_connections
+        if len(self.channels) >= 2 * limit:
+            return False
+        open_ = [channel for channel in self.channels if not channel.closing]
+        if len(open_) < limit:
+            return True
+        idle = [channel for channel in open_ if channel.evictable()]
+        if not idle:
+            return False
+        min(idle, key=_last_active).close_if_idle()
+        self.counters.count_evicted()
+        return True
 
     def _reap(self) -> None:
         now = self.reactor.seconds()

@@ -22,7 +22,8 @@ class Limits:
     max_batch_body_size: int  # a whole NDJSON body, inflated (413)
     request_timeout: float  # from a request's first byte to its last (408)
     idle_timeout: float  # a keep-alive connection with no request is closed
-    max_connections: int  # open at once; one more is answered 503 and closed
+    first_request_timeout: float  # a new connection that has sent nothing is closed
+    max_connections: int  # open at once: one more closes the longest-idle one, or gets 503
 
     @property
     def max_head_bytes(self) -> int:

@@ -74,7 +74,16 @@ class Uploader:
         return not self._queue and self._in_flight == 0
 
     def depth(self) -> int:
+        """Batches waiting for their upload to start."""
         return len(self._queue)
+
+    def in_flight(self) -> int:
+        """Batches being encoded or uploaded."""
+        return self._in_flight
+
+    def unfinished(self) -> int:
+        """Batches not yet stored or spooled: waiting and in flight."""
+        return len(self._queue) + self._in_flight
 
     def submit(self, batch: Batch) -> None:
         """Queue a batch. The batcher checks `has_room` first; at shutdown it

@@ -297,7 +297,7 @@ class WorkerSupervisor(Service):
 
     async def _stop(self) -> None:
         """SIGTERM every worker (each drains as a single server does) and
-        wait; one still running KILL_GRACE after SHUTDOWN_TIMEOUT is killed."""
+        wait; one still running KILL_GRACE after DRAIN_DELAY + SHUTDOWN_TIMEOUT is killed."""
         self.stopping = True
         ignore_further_signals(self.settings.shutdown_timeout)
         endings = [p.ended for p in self._protocols.values()]
@@ -307,7 +307,9 @@ class WorkerSupervisor(Service):
         for sock, _ in self.sockets:
             sock.close()
         self.sockets = []
-        killer = self.clock.callLater(self.settings.shutdown_timeout + KILL_GRACE,
+        # Each worker first serves DRAIN_DELAY seconds more, unready.
+        killer = self.clock.callLater(self.settings.drain_delay
+                                      + self.settings.shutdown_timeout + KILL_GRACE,
                                       self._kill_all)
         await DeferredList(endings)
         if killer.active():
@@ -319,7 +321,8 @@ class WorkerSupervisor(Service):
 
     def _kill_all(self) -> None:
         for index in self.workers:
-            _log.critical("worker {index} did not stop within SHUTDOWN_TIMEOUT + {grace:g}s; "
+            _log.critical("worker {index} did not stop within DRAIN_DELAY + "
+                          "SHUTDOWN_TIMEOUT + {grace:g}s; "
                           "killing it (what it held in memory is lost)", index=index,
                           grace=KILL_GRACE)
         self._signal_all("KILL")

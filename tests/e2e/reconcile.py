@@ -162,11 +162,14 @@ class Found:
 
 def _lines_ids(data: bytes, where: str) -> list[str]:
     """The body ids of a gzip'd JSON Lines object; raises if it is truncated
-    or a line is not `{"ts": <int>, "body": {...}}`."""
+    or a line is not `{"ts": <epoch seconds>, "body": {...}}` (a `ts` in
+    milliseconds, 1000 times too large, is malformed too)."""
     ids = []
     for number, line in enumerate(gzip.decompress(data).splitlines(), 1):
         record = json.loads(line)
-        if not isinstance(record.get("ts"), int) or not isinstance(record.get("body"), dict):
+        ts = record.get("ts")
+        if (not isinstance(ts, (int, float)) or not 1e9 < ts < 1e10
+                or not isinstance(record.get("body"), dict)):
             raise AssertionError(f"{where} line {number} is malformed: {line[:200]!r}")
         ids.append(record["body"]["id"])
     return ids

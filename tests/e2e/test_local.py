@@ -4,6 +4,7 @@ local store, driven over real HTTP."""
 from __future__ import annotations
 
 import json
+import time
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
@@ -34,7 +35,10 @@ class LocalStoreEndToEnd(unittest.TestCase):
 
         lines = yield poll_until(stored, 20, what="events in the output directory")
         self.assertEqual([json.dumps(line["body"]).encode() for line in lines], bodies)
-        self.assertTrue(all(isinstance(line["ts"], int) for line in lines))
+        # `ts` is the receive time in epoch seconds, to the millisecond.
+        now = time.time()
+        self.assertTrue(all(isinstance(line["ts"], float) and now - 600 < line["ts"] <= now
+                            for line in lines), lines[0])
         metrics = server.metrics()
         self.assertEqual(metrics["estat_events_accepted_total"], 50)
         self.assertEqual(metrics['estat_events_stored_total{path="upload",store="local"}'], 50)

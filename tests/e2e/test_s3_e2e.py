@@ -83,8 +83,8 @@ class S3EndToEnd(unittest.TestCase):
             self.assertNotIn("ContentEncoding", got)
             self.assertEqual(got["Metadata"]["event-count"], str(len(lines)))
             self.assertEqual(got["Metadata"]["host"], "e2e-host")
-            self.assertEqual(got["Metadata"]["first-receive-ms"], str(lines[0]["ts"]))
-            self.assertEqual(got["Metadata"]["last-receive-ms"], str(lines[-1]["ts"]))
+            self.assertEqual(got["Metadata"]["first-receive-ms"], str(round(lines[0]["ts"] * 1000)))
+            self.assertEqual(got["Metadata"]["last-receive-ms"], str(round(lines[-1]["ts"] * 1000)))
 
         metrics = yield poll_until(
             lambda: (lambda m: m if m.get(STORED.format("events")) == count else None)(
