@@ -9,7 +9,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from tests.support import ListenerTestCase, RawClient, make_listener, poll_until
+from tests.support import (
+    ListenerTestCase,
+    RawClient,
+    make_certificate,
+    make_listener,
+    make_workdir,
+    poll_until,
+)
 
 
 class CloseConnectionsTests(ListenerTestCase):
@@ -90,3 +97,43 @@ class ProxyProtocolTests(unittest.TestCase):
                          what="two answers through the PROXY wrapper")
         self.assertEqual([event.body for event in list(queue)], [b'{"a":1}', b'{"a":2}'])
         self.assertEqual(len(listener.channels), 1)
+
+
+class TlsAlpnTests(unittest.TestCase):
+    """A TLS listener (`ssl:` endpoint) and a client that offers ALPN
+    `h2, http/1.1`, as curl, browsers and Java do: the handshake selects
+    http/1.1 and the request is answered."""
+
+    @inlineCallbacks
+    def test_alpn_h2_and_http11_selects_http11(self):
+        import http.client
+        import ssl
+
+        from twisted.internet import endpoints
+        from twisted.internet.threads import deferToThread
+
+        workdir = make_workdir(self)
+        cert, key = make_certificate(workdir)
+        setup = make_listener(queue_size=10)
+        port = yield endpoints.serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        ).listen(setup.listener)
+        self.addCleanup(port.stopListening)
+
+        def client() -> tuple[object, int, bytes]:
+            context = ssl.create_default_context(cafile=cert)
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", port.getHost().port, context=context, timeout=10)
+            try:
+                connection.request("POST", "/collect", body=b'{"a":1}',
+                                   headers={"Content-Type": "application/json"})
+                answer = connection.getresponse()
+                assert connection.sock is not None
+                return connection.sock.selected_alpn_protocol(), answer.status, answer.read()
+            finally:
+                connection.close()
+
+        selected, status, _ = yield deferToThread(client)
+        self.assertEqual((selected, status), ("http/1.1", 202))
+        self.assertEqual([event.body for event in list(setup.queue)], [b'{"a":1}'])

@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
+    IProtocolNegotiationFactory,
     IPushProducer,
     IReactorTime,
     ITCPTransport,
@@ -355,12 +356,18 @@ class _TooManyConnections(Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IProtocolNegotiationFactory)
 class IngestListener(Factory):
     """Builds the ingest listener's connections, each answering with
     `handler` within `limits` and reporting to `counters` (and closing
     after its answer once `lifecycle` is stopping); reaps slow requests and
     idle connections while it listens, and closes them all for an orderly
-    stop with `close_connections`."""
+    stop with `close_connections`.
+
+    On a TLS listener it offers `http/1.1` by ALPN: Twisted's TLS always
+    installs an ALPN callback, which aborts the handshake (an internal-error
+    alert) for every client that offers ALPN unless the factory names its
+    protocols."""
 
     def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
                  lifecycle: Lifecycle, reactor: IReactorTime) -> None:
@@ -388,6 +395,10 @@ class IngestListener(Factory):
         if self._reaper is not None and self._reaper.running:
             self._reaper.stop()
         self._reaper = None
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """The ALPN protocols a TLS listener offers: HTTP/1.1 only."""
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
         if len(self.channels) >= self.limits.max_connections:

@@ -15,8 +15,7 @@ from typing import Any, Iterable, Optional
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from tests.e2e.test_security import make_certificate
-from tests.support import EstatServer, free_port, make_workdir, read_objects
+from tests.support import EstatServer, free_port, make_certificate, make_workdir, read_objects
 
 # Each client call is bounded; a hung client fails its case instead of the run.
 CLIENT_TIMEOUT = 60.0
