@@ -32,6 +32,7 @@ REJECT_REASONS = (
     "headers_too_large",
     "bad_request",
     "too_many_connections",
+    "http2_not_supported",
 )
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (

@@ -53,6 +53,7 @@ _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _KEEP_ALIVE = ((b"connection", b"keep-alive"),)
 _FEED_BYTES = 16 * 1024  # input parsed between two checks for a paused client
+_PRIOR_KNOWLEDGE = "Pause on PRI/Upgrade"  # llhttp's error for the HTTP/2 preface
 
 
 class ListenerCounters(typing.Protocol):
@@ -93,6 +94,7 @@ class IngestChannel(Protocol):
         self.counters = listener.counters
         self.lifecycle = listener.lifecycle
         self.parser = HttpRequestParser(self)
+        self._upgrade: Optional[IngestRequest] = None  # a request whose Upgrade is ignored
         # The connection.
         self.last_active = 0.0  # when input last arrived
         self._network: Optional[IPushProducer] = None  # the transport, when it can pause reading
@@ -177,11 +179,13 @@ class IngestChannel(Protocol):
             # original as its __context__. Anything but _Stop is a bug.
             if not isinstance(error.__context__, _Stop):
                 raise
-        except HttpParserUpgrade:
-            self._finish(raw_error(400, "bad_request", detail="upgrade_not_supported"),
-                         400, "bad_request")
-        except HttpParserError:
-            self._finish(raw_error(400, "bad_request"), 400, "bad_request")
+        except HttpParserUpgrade as upgrade:
+            self._ignore_upgrade(data[upgrade.args[0]:])
+        except HttpParserError as error:
+            if self._url == [b"*"] and str(error) == _PRIOR_KNOWLEDGE:
+                self._refuse_http2()
+            else:
+                self._finish(raw_error(400, "bad_request"), 400, "bad_request")
         if not self._in_message:
             self.started = None
         elif (head_before and message == self._messages and self._request is None
@@ -195,6 +199,36 @@ class IngestChannel(Protocol):
                 except _Stop:
                     pass
         self._flush()
+
+    def _ignore_upgrade(self, rest: bytes | memoryview) -> None:
+        """Answer a request that asked for `Upgrade` (Java's HttpClient
+        and `curl --http2` send `Upgrade: h2c`) in HTTP/1.1, as RFC 9110
+        section 7.8 allows. llhttp stops at the end of its head and leaves
+        the body to the other protocol, so a fresh parser reads the body
+        after a made-up head that carries only the request's framing."""
+        request = self._upgrade
+        assert request is not None
+        head = [b"POST / HTTP/%s\r\n" % self.parser.get_http_version().encode()]
+        for name in (b"content-length", b"transfer-encoding", b"connection"):
+            value = request.headers.get(name)
+            if value is not None and not (name == b"connection"
+                                          and b"keep-alive" not in value.lower()):
+                head.append(b"%s: %s\r\n" % (name, value))
+        head.append(b"\r\n")
+        self.parser = HttpRequestParser(self)
+        head.append(rest)
+        self._parse(b"".join(head))  # the callbacks resume the same request
+
+    def _refuse_http2(self) -> None:
+        """HTTP/2 with prior knowledge (the `PRI * HTTP/2.0` preface):
+        say in HTTP/1.1 which protocol this server speaks, and close."""
+        peer = self.transport.getPeer() if self.transport is not None else None
+        _log.info("refused an HTTP/2 prior-knowledge connection from {peer}: this "
+                  "listener speaks HTTP/1.1 only", peer=str(peer))
+        self._finish(raw_error(505, "http_version_not_supported",
+                               detail="this server speaks HTTP/1.1 only: send HTTP/1.1 "
+                                      "requests, not HTTP/2 with prior knowledge"),
+                     505, "http2_not_supported")
 
     def _flush(self) -> None:
         out = self._out
@@ -214,16 +248,22 @@ class IngestChannel(Protocol):
     # httptools callbacks, in the order a request arrives
 
     def on_message_begin(self) -> None:
+        if self._upgrade is not None:  # the made-up head after an Upgrade
+            return
         self._messages += 1
         self._in_message = True
         self._new_request()
 
     def on_url(self, url: bytes) -> None:
+        if self._upgrade is not None:
+            return
         self._url.append(url)
         if sum(map(len, self._url)) > self.limits.max_header_bytes:
             self._refuse_headers()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._upgrade is not None:
+            return
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
         limits = self.limits
@@ -233,6 +273,9 @@ class IngestChannel(Protocol):
         self._headers.setdefault(name.lower(), value)
 
     def on_headers_complete(self) -> None:
+        if self._upgrade is not None:
+            self._request, self._upgrade = self._upgrade, None
+            return
         limits = self.limits
         request = self._request = IngestRequest(
             self.parser.get_method(), b"".join(self._url), self._headers,
@@ -256,10 +299,11 @@ class IngestChannel(Protocol):
     def on_message_complete(self) -> None:
         request = self._request
         assert request is not None
+        if self.parser.should_upgrade():
+            self._upgrade = request  # its body follows: see _ignore_upgrade
+            return
         self._in_message = False
         self._request = None
-        if self.parser.should_upgrade():
-            return  # answered by dataReceived's HttpParserUpgrade
         request.body_complete()
         try:
             answer = self.handler(request)
