@@ -33,6 +33,7 @@ REJECT_REASONS = (
     "bad_request",
     "too_many_connections",
     "http2_not_supported",
+    "request_bodies_full",
 )
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (

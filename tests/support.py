@@ -284,7 +284,8 @@ def make_workdir(test: Any) -> str:
 # just over it).
 TEST_LIMITS = Limits(max_headers=64, max_header_bytes=16 * 1024, max_body_size=1024,
                      max_batch_body_size=1024 * 1024, request_timeout=10.0,
-                     idle_timeout=60.0, max_connections=1024)
+                     idle_timeout=60.0, max_connections=1024,
+                     max_receiving_bytes=64 * 1024 * 1024)
 
 
 @dataclass
@@ -324,7 +325,8 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=limits.max_body_size,
                        max_batch_events=max_batch_events),
-        limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock)
+        limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock,
+        answer_headers=state.cors_headers)
     listener.doStart()
     return Listening(listener, queue, state, metrics.registry, clock)
 

@@ -43,9 +43,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from estat.http.limits import Limits
+from estat.http.limits import BodyBudget, Limits
 from estat.http.request import IngestRequest, TooLarge
-from estat.http.response import Answer, error_body, raw_error, response
+from estat.http.response import Answer, Headers, error_body, raw_error, response
 from estat.lifecycle import Lifecycle
 from estat.loops import guarded
 
@@ -74,6 +74,11 @@ class ListenerCounters(typing.Protocol):
 
 
 Handler = Callable[[IngestRequest], Answer]
+# The headers every answer to a request with these headers carries (CORS),
+# the channel's own refusals included.
+AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
+_RETRY_AFTER = ((b"retry-after", b"1"),)
+_FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
 
 
 class _Stop(Exception):
@@ -93,6 +98,8 @@ class IngestChannel(Protocol):
         self.limits = listener.limits
         self.counters = listener.counters
         self.lifecycle = listener.lifecycle
+        self.budget = listener.budget
+        self._share = 0  # bytes of the budget the request being received holds
         self.parser = HttpRequestParser(self)
         self._upgrade: Optional[IngestRequest] = None  # a request whose Upgrade is ignored
         # The connection.
@@ -133,6 +140,7 @@ class IngestChannel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._done = True
+        self._give_back()
         self.started = None
         self.factory.channel_closed(self)
 
@@ -283,18 +291,58 @@ class IngestChannel(Protocol):
         try:
             request.check_declared_length()
         except TooLarge as too_large:
-            self._refuse(413, "too_large", max_bytes=too_large.limit)
+            self._refuse_too_large(too_large)
+        declared = self._headers.get(b"content-length")
+        if declared is not None and not request.compressed:
+            share = int(declared)
+        else:
+            share = min(_FIRST_SHARE, request.limit)
+        if share:
+            self._take_share(share)
         expect = self._headers.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue":
             self._out.append(_CONTINUE)
             self._flush()
 
     def on_body(self, data: bytes) -> None:
-        assert self._request is not None
+        request = self._request
+        assert request is not None
         try:
-            self._request.add_body(data)
+            request.add_body(data)
         except TooLarge as too_large:
-            self._refuse(413, "too_large", max_bytes=too_large.limit)
+            self._refuse_too_large(too_large)
+        if request.received > self._share:
+            # An inflating or chunked body: take twice as much, up to its limit.
+            self._take_share(max(request.received, min(2 * self._share, request.limit))
+                             - self._share)
+
+    def _take_share(self, size: int) -> None:
+        """Take `size` more bytes of the body budget for this request, or
+        refuse it with 503 (before its body is read, or as it grows)."""
+        if self.budget.take(size):
+            self._share += size
+            return
+        _log.info("refused a request body: {used} of {budget} bytes of request bodies "
+                  "are being received (REQUEST_BODIES_MAX_BYTES)",
+                  used=self.budget.used, budget=self.budget.max_bytes)
+        self._refuse(503, "request_bodies_full", _RETRY_AFTER,
+                     detail="too many request bodies are being received at once: "
+                            "retry after Retry-After seconds")
+
+    def _give_back(self) -> None:
+        if self._share:
+            self.budget.give_back(self._share)
+            self._share = 0
+
+    def _refuse_too_large(self, too_large: TooLarge) -> None:
+        limit = too_large.limit
+        if too_large.batch:
+            detail = (f"a batch is at most {limit} bytes once inflated "
+                      "(MAX_BATCH_BODY_SIZE): send smaller chunks")
+        else:
+            detail = (f"one event is at most {limit} bytes (MAX_BODY_SIZE): send "
+                      "several events as application/x-ndjson or a JSON array")
+        self._refuse(413, "too_large", max_bytes=limit, detail=detail)
 
     def on_message_complete(self) -> None:
         request = self._request
@@ -311,6 +359,8 @@ class IngestChannel(Protocol):
             _log.failure("unexpected error handling {method} {path}",
                          method=request.method, path=request.path)
             answer = Answer(500, error_body("internal_error"))
+        if self._share:
+            self._give_back()  # what was accepted is counted by the queue now
         close = (answer.close or self.lifecycle.stopping
                  or not self.parser.should_keep_alive())
         headers = answer.headers
@@ -331,9 +381,11 @@ class IngestChannel(Protocol):
         self._refuse(431, "headers_too_large", max_headers=limits.max_headers,
                      max_bytes=limits.max_header_bytes)
 
-    def _refuse(self, code: int, error: str, **details: object) -> None:
+    def _refuse(self, code: int, error: str, headers: Headers = (), **details: object) -> None:
         """Answer `code` and close; called from parser callbacks."""
-        self._finish(raw_error(code, error, **details), code, error)
+        if self._headers:
+            headers += self.factory.answer_headers(self._headers)
+        self._finish(raw_error(code, error, headers, **details), code, error)
         raise _Stop()
 
     def _finish(self, answer: bytes, code: int, reason: str) -> None:
@@ -342,6 +394,7 @@ class IngestChannel(Protocol):
         self._done = True
         self._in_message = False
         self._request = None
+        self._give_back()
         self.started = None
         self.counters.count_response(code)
         self.counters.count_rejected(reason)
@@ -360,7 +413,11 @@ class IngestChannel(Protocol):
         if self._done:
             return
         if self.started is not None and now - self.started > request_timeout:
-            self._finish(raw_error(408, "request_timeout", seconds=request_timeout),
+            self._finish(raw_error(408, "request_timeout",
+                                   self.factory.answer_headers(self._headers),
+                                   seconds=request_timeout,
+                                   detail="send the whole request within REQUEST_TIMEOUT "
+                                          "seconds of its first byte"),
                          408, "request_timeout")
             self._flush()
         elif self.started is None and now - self.last_active > self.limits.idle_timeout:
@@ -414,8 +471,11 @@ class IngestListener(Factory):
     protocols."""
 
     def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
-                 lifecycle: Lifecycle, reactor: IReactorTime) -> None:
+                 lifecycle: Lifecycle, reactor: IReactorTime,
+                 answer_headers: AnswerHeaders = lambda headers: ()) -> None:
         self.handler = handler
+        self.answer_headers = answer_headers
+        self.budget = BodyBudget(limits.max_receiving_bytes)
         self.limits = limits
         self.counters = counters
         self.lifecycle = lifecycle
