@@ -312,7 +312,8 @@ class Collect:
         if not self.state.origin_allowed(origin):
             return self._forbidden(origin)
         asked = headers.get(b"access-control-request-headers")
-        answer = (_ALLOW, (b"access-control-allow-headers", asked or _PREFLIGHT_HEADERS)) + _PREFLIGHT
+        answer: Headers = ((_ALLOW, (b"access-control-allow-headers",
+                                     asked or _PREFLIGHT_HEADERS)) + _PREFLIGHT)
         if headers.get(b"access-control-request-private-network") == b"true":
             answer += ((b"access-control-allow-private-network", b"true"),)
         return Answer(204, b"", answer)

@@ -224,7 +224,7 @@ class IngestChannel(Protocol):
                 head.append(b"%s: %s\r\n" % (name, value))
         head.append(b"\r\n")
         self.parser = HttpRequestParser(self)
-        head.append(rest)
+        head.append(bytes(rest))
         self._parse(b"".join(head))  # the callbacks resume the same request
 
     def _refuse_http2(self) -> None:

@@ -15,7 +15,7 @@ never inflates past the limit.
 from __future__ import annotations
 
 import zlib
-from typing import Optional, Protocol
+from typing import IO, Optional, Protocol, cast
 
 import zstandard
 
@@ -104,7 +104,8 @@ class _Zstd:
         self._out: list[bytes] = []
         self._size = 0
         self._room = 0
-        self._writer = self._decompressor.stream_writer(self, write_size=_ZSTD_WRITE_BYTES)
+        self._writer = self._decompressor.stream_writer(
+            cast(IO[bytes], self), write_size=_ZSTD_WRITE_BYTES)
 
     def write(self, data: bytes) -> int:
         """The stream writer's output (zstandard calls this)."""
