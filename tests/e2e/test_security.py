@@ -47,7 +47,9 @@ class SecurityEndToEnd(unittest.TestCase):
             return response.status, json.loads(response.read())
 
         self.assertEqual(post(OLD_KEY), (202, {"status": "accepted"}))
-        self.assertEqual(post(), (401, {"error": "unauthorized", "detail": "missing_key"}))
+        code, answer = post()
+        self.assertEqual((code, answer["error"], answer["detail"]),
+                         (401, "unauthorized", "missing_key"))
         self.assertEqual(post(NEW_KEY)[0], 401)
         with open(tokens, "w") as handle:
             handle.write(f"{NEW_KEY} web source=web\n")
