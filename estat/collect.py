@@ -143,7 +143,10 @@ def _query_key(query: bytes) -> Optional[bytes]:
     """The `write_key` of a query string (beacons cannot set headers)."""
     if b"write_key=" not in query:
         return None
-    values = parse_qs(query, max_num_fields=16).get(b"write_key")
+    try:
+        values = parse_qs(query, max_num_fields=16).get(b"write_key")
+    except ValueError:  # more fields than any beacon sends
+        return None
     return values[0] if values else None
 
 

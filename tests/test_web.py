@@ -449,6 +449,8 @@ class BrowserTests(ListenerTestCase):
         self.assertEqual(code, 202)
         code, _, _ = self.one(post_bytes(b'{"a":1}', path=b"/collect?write_key=wrong-wrong-wrong"))
         self.assertEqual(code, 401)
+        crowded = b"&".join(b"f%d=1" % n for n in range(20)) + b"&write_key=" + self.key.encode()
+        self.assertEqual(self.one(post_bytes(b'{"a":1}', path=b"/collect?" + crowded))[0], 401)
         self.assertEqual([e.body for e in list(self.queue)], [b'{"a":1}'])
 
 

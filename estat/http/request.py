@@ -66,7 +66,17 @@ class _Zlib:
                 self._start = data
                 return b""
             zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            self._inflater = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+            if zlib_header:
+                self._inflater = zlib.decompressobj(zlib.MAX_WBITS)
+                try:
+                    return self._inflate(data, room)
+                except BadEncoding:
+                    pass  # raw deflate whose first bytes look like a zlib header
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        return self._inflate(data, room)
+
+    def _inflate(self, data: bytes, room: int) -> bytes:
+        assert self._inflater is not None
         out = []
         try:
             while data and room > 0:
