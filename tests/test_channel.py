@@ -17,6 +17,7 @@ from estat.http.channel import IngestListener
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, raw_error, response
 from estat.lifecycle import Lifecycle
+from tests.fakes import capture_logs, logged
 from tests.support import TEST_LIMITS, Exchange, ListenerTestCase, post_bytes
 
 
@@ -101,14 +102,22 @@ class ChannelTests(ListenerTestCase):
             self.assertFalse(client.transport.disconnecting)
 
     def test_http2_prior_knowledge_is_refused_naming_http11(self):
-        client = Exchange(self.listener)
-        [(code, _, body)] = client.send_and_read(
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00")
-        self.assertEqual((code, json.loads(body)["error"]), (505, "http_version_not_supported"))
-        self.assertIn("HTTP/1.1", json.loads(body)["detail"])
-        self.assertTrue(client.transport.disconnecting)
+        logs = capture_logs(self)
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00"
+        for _ in range(3):
+            client = Exchange(self.listener)
+            [(code, _, body)] = client.send_and_read(preface)
+            self.assertEqual((code, json.loads(body)["error"]),
+                             (505, "http_version_not_supported"))
+            self.assertIn("HTTP/1.1", json.loads(body)["detail"])
+            self.assertTrue(client.transport.disconnecting)
         self.assertEqual(self.metric("estat_events_rejected_total",
-                                     reason="http2_not_supported"), 1)
+                                     reason="http2_not_supported"), 3)
+        # Logged once a minute, with how many there were meanwhile.
+        self.assertEqual([e["count"] for e in logged(logs, "HTTP/2 prior-knowledge")], [1])
+        self.clock.advance(61)
+        Exchange(self.listener).send(preface)
+        self.assertEqual([e["count"] for e in logged(logs, "HTTP/2 prior-knowledge")], [1, 3])
 
     def test_a_header_that_never_ends_is_cut_off(self):
         client = Exchange(self.listener)

@@ -79,6 +79,7 @@ Handler = Callable[[IngestRequest], Answer]
 AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
 _RETRY_AFTER = ((b"retry-after", b"1"),)
 _FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
+_LOG_EVERY = 60.0  # seconds between two log lines about one kind of refusal
 
 
 class _Stop(Exception):
@@ -231,8 +232,10 @@ class IngestChannel(Protocol):
         """HTTP/2 with prior knowledge (the `PRI * HTTP/2.0` preface):
         say in HTTP/1.1 which protocol this server speaks, and close."""
         peer = self.transport.getPeer() if self.transport is not None else None
-        _log.info("refused an HTTP/2 prior-knowledge connection from {peer}: this "
-                  "listener speaks HTTP/1.1 only", peer=str(peer))
+        self.factory.log_sometimes(
+            "http2_not_supported", "refused HTTP/2 prior-knowledge connections (the last "
+            "from {peer}): this listener speaks HTTP/1.1 only; configure the client or load "
+            "balancer for HTTP/1.1", peer=str(peer))
         self._finish(raw_error(505, "http_version_not_supported",
                                detail="this server speaks HTTP/1.1 only: send HTTP/1.1 "
                                       "requests, not HTTP/2 with prior knowledge"),
@@ -322,9 +325,10 @@ class IngestChannel(Protocol):
         if self.budget.take(size):
             self._share += size
             return
-        _log.info("refused a request body: {used} of {budget} bytes of request bodies "
-                  "are being received (REQUEST_BODIES_MAX_BYTES)",
-                  used=self.budget.used, budget=self.budget.max_bytes)
+        self.factory.log_sometimes(
+            "request_bodies_full", "refused request bodies: {used} of {budget} bytes of "
+            "request bodies were being received (raise REQUEST_BODIES_MAX_BYTES if this "
+            "goes on)", used=self.budget.used, budget=self.budget.max_bytes)
         self._refuse(503, "request_bodies_full", _RETRY_AFTER,
                      detail="too many request bodies are being received at once: "
                             "retry after Retry-After seconds")
@@ -481,6 +485,8 @@ class IngestListener(Factory):
         self.lifecycle = lifecycle
         self.reactor = reactor
         self.channels: set[IngestChannel] = set()
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
         self._closed_waiters: list[Deferred[None]] = []
         self._reaper: Optional[LoopingCall] = None
         counters.gauge_connections(lambda: len(self.channels))
@@ -499,6 +505,18 @@ class IngestListener(Factory):
         if self._reaper is not None and self._reaper.running:
             self._reaper.stop()
         self._reaper = None
+
+    def log_sometimes(self, what: str, message: str, **fields: object) -> None:
+        """Log a refusal at most once a minute per kind, with how many
+        there were since the last line: a client that retries fast must
+        not flood the log."""
+        now = self.reactor.seconds()
+        count = self._unlogged.get(what, 0) + 1
+        if now - self._logged_at.get(what, -_LOG_EVERY) < _LOG_EVERY:
+            self._unlogged[what] = count
+            return
+        self._logged_at[what], self._unlogged[what] = now, 0
+        _log.info(message + " ({count} since the last such line)", count=count, **fields)
 
     def acceptableProtocols(self) -> list[bytes]:
         """The ALPN protocols a TLS listener offers: HTTP/1.1 only."""
