@@ -184,7 +184,8 @@ class Collect:
             if method == b"OPTIONS":
                 return self.preflight(request)
             state.count_rejected("method_not_allowed")
-            return Answer(405, error_body("method_not_allowed", allow="POST"), (_ALLOW,))
+            return Answer(405, error_body("method_not_allowed", allow="POST",
+                                          detail="send events with POST"), (_ALLOW,))
         headers = request.headers
         origin = headers.get(b"origin")
         if origin is not None and not state.origin_allowed(origin):
@@ -261,7 +262,7 @@ class Collect:
                     return Answer(400, error_body("invalid_json", line=number, detail=problem,
                                                   expected="one JSON object per line"))
             events.append(line)
-        return self._admit_batch(events, segment)
+        return self.admit_batch(events, segment)
 
     def _collect_array(self, body: bytes, segment: str) -> Answer:
         """A JSON array of objects: one event per element, each the bytes
@@ -283,7 +284,7 @@ class Collect:
                 state.count_rejected("invalid_json")
                 return Answer(400, error_body("invalid_json", element=number, detail=problem,
                                               expected="a JSON array of objects"))
-        return self._admit_batch(events, segment)
+        return self.admit_batch(events, segment)
 
     def _event_too_large(self, where: str, number: int) -> Answer:
         self.state.count_rejected("too_large")
@@ -291,7 +292,10 @@ class Collect:
             "too_large", **{where: number}, max_bytes=self.max_event_bytes,
             detail=f"each event is at most {self.max_event_bytes} bytes (MAX_BODY_SIZE)"))
 
-    def _admit_batch(self, events: list[bytes], segment: str) -> Answer:
+    def admit_batch(self, events: list[bytes], segment: str) -> Answer:
+        """Admit one request's events as a batch: 400 when there are none,
+        413 over `max_batch_events`, else `IngestState.admit` (all or none).
+        Routes for other protocols call this with the bodies they cut."""
         state = self.state
         if not events:
             state.count_rejected("invalid_json")

@@ -79,6 +79,8 @@ Handler = Callable[[IngestRequest], Answer]
 AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
 _RETRY_AFTER = ((b"retry-after", b"1"),)
 _FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
+_BAD_REQUEST = ("not a well-formed HTTP/1.1 request (framing, or both Content-Length and "
+                "Transfer-Encoding)")
 _LOG_EVERY = 60.0  # seconds between two log lines about one kind of refusal
 
 
@@ -194,7 +196,8 @@ class IngestChannel(Protocol):
             if self._url == [b"*"] and str(error) == _PRIOR_KNOWLEDGE:
                 self._refuse_http2()
             else:
-                self._finish(raw_error(400, "bad_request"), 400, "bad_request")
+                self._finish(raw_error(400, "bad_request", detail=_BAD_REQUEST), 400,
+                             "bad_request")
         if not self._in_message:
             self.started = None
         elif (head_before and message == self._messages and self._request is None
@@ -383,7 +386,8 @@ class IngestChannel(Protocol):
     def _refuse_headers(self) -> None:
         limits = self.limits
         self._refuse(431, "headers_too_large", max_headers=limits.max_headers,
-                     max_bytes=limits.max_header_bytes)
+                     max_bytes=limits.max_header_bytes,
+                     detail="send fewer or shorter headers (MAX_HEADERS, MAX_HEADER_BYTES)")
 
     def _refuse(self, code: int, error: str, headers: Headers = (), **details: object) -> None:
         """Answer `code` and close; called from parser callbacks."""
@@ -457,7 +461,9 @@ class _TooManyConnections(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None  # makeConnection set it
-        self.transport.write(raw_error(503, "too_many_connections"))
+        self.transport.write(raw_error(
+            503, "too_many_connections", _RETRY_AFTER,
+            detail="MAX_CONNECTIONS connections are open: retry after Retry-After seconds"))
         self.transport.loseConnection()
 
 
