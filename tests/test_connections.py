@@ -137,3 +137,39 @@ class TlsAlpnTests(unittest.TestCase):
         selected, status, _ = yield deferToThread(client)
         self.assertEqual((selected, status), ("http/1.1", 202))
         self.assertEqual([event.body for event in list(setup.queue)], [b'{"a":1}'])
+
+
+class SlowLargeUploadsTests(unittest.TestCase):
+    """Many clients starting large uploads at once over real TCP: only as
+    many as REQUEST_BODIES_MAX_BYTES allows are read; the others are
+    answered 503 with Retry-After before they send their body."""
+
+    @inlineCallbacks
+    def test_uploads_beyond_the_body_budget_get_503_at_once(self):
+        setup = make_listener(queue_size=10, max_receiving_bytes=1024 * 1024,
+                              max_batch_body_size=512 * 1024)
+        port = reactor.listenTCP(0, setup.listener, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        body = b'{"a":1}\n' + b" " * (400 * 1024 - 8)
+        head = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        clients = []
+        for _ in range(4):
+            client = RawClient()
+            yield connectProtocol(endpoint, client)
+            self.addCleanup(client.transport.abortConnection)
+            client.transport.write(head)
+            clients.append(client)
+        yield poll_until(lambda: all(c.data for c in clients), 10, what="four first answers")
+        continued = [c for c in clients if c.data.startswith(b"HTTP/1.1 100 Continue")]
+        refused = [c for c in clients if b"503 Service Unavailable" in c.data]
+        self.assertEqual((len(continued), len(refused)), (2, 2))
+        for client in refused:
+            self.assertIn(b"request_bodies_full", client.data)
+            self.assertIn(b"retry-after: 1", client.data)
+        self.assertEqual(setup.listener.budget.used, 2 * len(body))
+        continued[0].transport.write(body)
+        yield poll_until(lambda: b"202 Accepted" in continued[0].data, 10, what="the upload")
+        self.assertEqual(setup.listener.budget.used, len(body))
+        self.assertEqual([e.body for e in list(setup.queue)], [b'{"a":1}'])
