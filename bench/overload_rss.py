@@ -118,6 +118,7 @@ def main(reactor: Any, options: argparse.Namespace):  # type: ignore[no-untyped-
         proxy.start()
         settings = {
             "EVENT_QUEUE_SIZE": str(options.event_queue_size),
+            "MAX_BATCH_EVENTS": str(min(50000, options.event_queue_size)),
             "MAX_BODY_SIZE": "16384",
             "BATCH_SIZE": str(options.batch_size),
             "BATCH_MAX_BYTES": "8MiB",

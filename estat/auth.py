@@ -3,6 +3,11 @@
 One key per line: `<key> <name> [<prefix segment>]`; `#` starts a comment.
 The name labels the writer in logs; the optional segment (such as
 `source=web`) puts that writer's objects under `{PREFIX}/<segment>/dt=…`.
+A segment is Hive partitions (`name=value`, `/` between several), and
+every segment of a file names the same partitions: a writer without one
+gets each partition as `__HIVE_DEFAULT_PARTITION__` (what Hive, Spark,
+Athena and DuckDB read as NULL), so every object under the prefix has the
+same partition keys and readers see one table.
 Keys are looked up by their SHA-256 digest, so the time a lookup takes says
 nothing about the keys, and they are never logged.
 """
@@ -17,6 +22,7 @@ from typing import Optional
 from estat.model import unsafe_key_reason
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEFAULT_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 
 
 class TokensFileError(ValueError):
@@ -35,9 +41,23 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+def _partitions(segment: str, where: str) -> tuple[str, ...]:
+    """The partition names of a segment (`source=web/team=a` → source, team)."""
+    names = []
+    for part in segment.split("/"):
+        name, equals, value = part.partition("=")
+        if not (name and equals and value) or "=" in value:
+            raise TokensFileError(f"{where}: the prefix segment must be Hive partitions "
+                                  "name=value, such as source=web.")
+        names.append(name)
+    return tuple(names)
+
+
 def parse_tokens(text: str, source: str = "AUTH_TOKENS_FILE") -> dict[bytes, Writer]:
-    """Parse a tokens file; raise TokensFileError naming the first bad line."""
+    """Parse a tokens file; raise TokensFileError naming the first bad line.
+    Writers without a segment get the default partitions (module docstring)."""
     writers: dict[bytes, Writer] = {}
+    layout: Optional[tuple[tuple[str, ...], int]] = None  # partition names, first line
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -57,13 +77,33 @@ def parse_tokens(text: str, source: str = "AUTH_TOKENS_FILE") -> dict[bytes, Wri
         if unsafe is not None:
             raise TokensFileError(f"{source} line {number}: the prefix segment {segment!r} "
                                   f"is not safe in an object key: {unsafe}.")
+        if segment:
+            names = _partitions(segment, f"{source} line {number}")
+            if layout is None:
+                layout = names, number
+            elif names != layout[0]:
+                raise TokensFileError(
+                    f"{source} line {number}: the segment's partitions ({'/'.join(names)}) "
+                    f"differ from line {layout[1]}'s ({'/'.join(layout[0])}); every segment "
+                    "must name the same partitions so that readers see one layout.")
         digest = _digest(key.encode())
         if digest in writers:
             raise TokensFileError(f"{source} line {number} repeats a key.")
         writers[digest] = Writer(name, segment)
     if not writers:
         raise TokensFileError(f"{source} holds no keys.")
+    if layout is not None:
+        default = "/".join(f"{name}={DEFAULT_PARTITION}" for name in layout[0])
+        writers = {digest: writer if writer.segment else Writer(writer.name, default)
+                   for digest, writer in writers.items()}
     return writers
+
+
+def partitions_of(writers: dict[bytes, Writer]) -> tuple[str, ...]:
+    """The partition names every writer's segment has (none without segments)."""
+    for writer in writers.values():
+        return _partitions(writer.segment, "") if writer.segment else ()
+    return ()
 
 
 def read_tokens_file(path: str) -> dict[bytes, Writer]:
@@ -90,8 +130,17 @@ class WriteKeys:
         return cls(path, read_tokens_file(path))
 
     def reload(self) -> int:
-        """Read the file again; on error keep the old keys and raise."""
-        self._writers = read_tokens_file(self.path)
+        """Read the file again; on error keep the old keys and raise. A
+        file whose segments name other partitions is refused too: the
+        objects already written would no longer match the new ones."""
+        writers = read_tokens_file(self.path)
+        before, after = partitions_of(self._writers), partitions_of(writers)
+        if before != after:
+            raise TokensFileError(
+                f"AUTH_TOKENS_FILE now names the partitions ({'/'.join(after) or 'none'}) "
+                f"instead of ({'/'.join(before) or 'none'}): restart the server to change "
+                "the object layout.")
+        self._writers = writers
         return len(self._writers)
 
     def writer_for(self, authorization: Optional[bytes],

@@ -1,5 +1,6 @@
-"""What the ingest listener answers: `POST /collect` (one JSON event, or
-NDJSON with one event per line) and the health endpoints.
+"""What the ingest listener answers: `POST /collect` (one JSON event, a
+JSON array of events, or NDJSON with one event per line) and the health
+endpoints, every answer with the CORS headers its Origin gets.
 
 The handlers are plain functions of an `IngestRequest` returning an
 `Answer`; `estat.http` parses HTTP and writes the answers."""
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import time
 from typing import Any, Callable, Optional
+from urllib.parse import parse_qs
 
+import msgspec
 from prometheus_client import Counter
 
 from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
-from estat.http.response import Answer, error_body
+from estat.http.response import Answer, Headers, error_body
 from estat.lifecycle import Lifecycle
 from estat.metrics import REJECT_REASONS, Metrics
 from estat.model import Event, events_of
@@ -51,6 +54,7 @@ class IngestState:
         self.cors_origins = frozenset(origins - {b"*"})
         self.now_ms = now_ms
         self._codes: dict[int, Any] = {}
+        self._accepted = metrics.events_accepted
         self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
                           for reason in REJECT_REASONS}
 
@@ -78,73 +82,143 @@ class IngestState:
     def loop_errors(self) -> Counter:
         return self.metrics.loop_errors
 
-    def allowed_origin(self, origin: Optional[bytes]) -> Optional[bytes]:
-        """The Access-Control-Allow-Origin value for `origin`, if allowed."""
-        if origin is None:
-            return None
-        if self.cors_any:
-            return b"*"
-        return origin if origin in self.cors_origins else None
+    def origin_allowed(self, origin: bytes) -> bool:
+        """May a page on `origin` post? Only origins CORS_ALLOWED_ORIGINS
+        lists (or any, with `*`); none when it is empty."""
+        return self.cors_any or origin in self.cors_origins
+
+    def cors_headers(self, headers: dict[bytes, bytes]) -> Headers:
+        """The CORS headers of every answer to a request with these
+        headers: for an allowed Origin, that origin echoed (never `*`, which
+        browsers refuse with credentials), with credentials allowed."""
+        origin = headers.get(b"origin")
+        if origin is None or not self.origin_allowed(origin):
+            return ()
+        return ((b"access-control-allow-origin", origin),) + _CORS_ALLOWED
+
+    def admit(self, bodies: list[bytes], segment: str) -> Answer:
+        """Offer one request's event bodies to the queue, all or none: 202
+        (naming how many, for more than one body), or 503 with Retry-After
+        when the server is stopping or the queue cannot take them all.
+        Every protocol's handler admits its events through here."""
+        if self.lifecycle.stopping:
+            return unavailable(self, "shutting_down")
+        count = len(bodies)
+        if count == 1:
+            if not self.queue.offer([Event(self.now_ms(), bodies[0], segment)]):
+                return unavailable(self, "queue_full")
+            self._accepted.inc()
+            return ACCEPTED
+        if not self.queue.offer(events_of(self.now_ms(), bodies, segment)):
+            return unavailable(self, "queue_full")
+        self._accepted.inc(count)
+        return Answer(202, b'{"status":"accepted","events":%d}\n' % count)
 
 
+def unavailable(state: IngestState, reason: str) -> Answer:
+    """503 with Retry-After (closing when the server is stopping)."""
+    state.count_rejected(reason)
+    return Answer(503, error_body(reason, detail=_UNAVAILABLE[reason]), (_RETRY_AFTER,),
+                  close=reason == "shutting_down")
+
+
+_UNAVAILABLE = {
+    "queue_full": "the event queue is full: retry after Retry-After seconds",
+    "shutting_down": "the server is stopping: retry after Retry-After seconds",
+}
 ACCEPTED = Answer(202, ACCEPTED_BODY)
 _RETRY_AFTER = (b"retry-after", RETRY_AFTER_SECONDS)
 _ALLOW = (b"allow", b"POST, OPTIONS")
 _UNAUTHORIZED = (b"www-authenticate", b'Bearer realm="estat-ingest"')
+_CORS_ALLOWED = ((b"access-control-allow-credentials", b"true"),
+                 (b"access-control-expose-headers", b"Retry-After"), (b"vary", b"Origin"))
+_PREFLIGHT_HEADERS = b"Content-Type, Content-Encoding, Authorization, X-Write-Key"
 _PREFLIGHT = ((b"access-control-allow-methods", b"POST"),
-              (b"access-control-allow-headers",
-               b"Content-Type, Content-Encoding, Authorization, X-Write-Key"),
-              (b"access-control-max-age", b"600"), (b"vary", b"Origin"))
+              (b"access-control-max-age", b"600"))
+_KEY_EXPECTED = "a write key: Authorization: Bearer <key>, X-Write-Key: <key> or ?write_key=<key>"
+_ONE_EVENT = ("one JSON object; several events as application/x-ndjson (one object per "
+              "line) or a JSON array of objects")
+_ENCODINGS = "Content-Encoding gzip, deflate, zstd or none"
+_array_of_raw = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _query_key(query: bytes) -> Optional[bytes]:
+    """The `write_key` of a query string (beacons cannot set headers)."""
+    if b"write_key=" not in query:
+        return None
+    try:
+        values = parse_qs(query, max_num_fields=16).get(b"write_key")
+    except ValueError:  # more fields than any beacon sends
+        return None
+    return values[0] if values else None
+
+
+def _looks_like_ndjson(body: bytes) -> bool:
+    """Several lines whose first is one JSON object: NDJSON with the wrong
+    Content-Type."""
+    first, newline, rest = body.strip().partition(b"\n")
+    return bool(newline and rest.strip()) and body_error(first.strip()) is None
 
 
 class Collect:
     """`POST /collect`: validate and queue without waiting; 503 at once when
     the queue is full or the server is stopping.
 
-    An `application/x-ndjson` body is a batch, one event per line, accepted
-    or refused as a whole (so a client's retry never duplicates). Multipart
+    An `application/x-ndjson` body is a batch, one event per line, and so
+    is a body whose top level is a JSON array of objects, one event per
+    element (each stored as its bytes arrived): a batch is accepted or
+    refused as a whole (so a client's retry never duplicates). Multipart
     bodies are refused (415). A body labelled as a URL-encoded form is taken
     as JSON when it is JSON (curl's `--data` sends that label) and refused
-    with 415 otherwise. Each line of a batch is held to `max_event_bytes`,
-    like a single event, and a batch to `max_batch_events`."""
+    with 415 otherwise. Each event of a batch is held to `max_event_bytes`,
+    like a single event, and a batch to `max_batch_events`. A request with
+    an `Origin` CORS_ALLOWED_ORIGINS does not allow is refused (403)."""
 
     def __init__(self, state: IngestState, max_event_bytes: int,
                  max_batch_events: int) -> None:
         self.state = state
         self.max_event_bytes = max_event_bytes
         self.max_batch_events = max_batch_events
-        self._accepted = state.metrics.events_accepted
 
     def __call__(self, request: IngestRequest) -> Answer:
         state = self.state
         method = request.method
         if method != b"POST":
             if method == b"OPTIONS":
-                return self._preflight(request)
+                return self.preflight(request)
             state.count_rejected("method_not_allowed")
-            return Answer(405, error_body("method_not_allowed", allow="POST"), (_ALLOW,))
-        cors: tuple[tuple[bytes, bytes], ...] = ()
-        if state.cors_any or state.cors_origins:
-            allowed = state.allowed_origin(request.headers.get(b"origin"))
-            if allowed is not None:
-                cors = ((b"access-control-allow-origin", allowed), (b"vary", b"Origin"))
+            return Answer(405, error_body("method_not_allowed", allow="POST",
+                                          detail="send events with POST"), (_ALLOW,))
+        headers = request.headers
+        origin = headers.get(b"origin")
+        if origin is not None and not state.origin_allowed(origin):
+            return self._forbidden(origin)
         segment = ""
         if state.write_keys is not None:
-            headers = request.headers
-            writer, reason = state.write_keys.writer_for(
-                headers.get(b"authorization"), headers.get(b"x-write-key"))
+            key = headers.get(b"x-write-key")
+            if not key and request.query:
+                key = _query_key(request.query)
+            writer, reason = state.write_keys.writer_for(headers.get(b"authorization"), key)
             if writer is None:
                 state.count_rejected(reason)
                 if reason == "auth_conflict":
                     return Answer(400, error_body(
                         "conflicting_keys",
-                        detail="X-Write-Key and Authorization name different keys"), cors)
+                        detail="X-Write-Key and Authorization name different keys"))
                 return Answer(401, error_body(
                     "unauthorized", detail="missing_key" if reason == "auth_missing"
-                    else "invalid_key"), (_UNAUTHORIZED,) + cors)
+                    else "invalid_key", expected=_KEY_EXPECTED), (_UNAUTHORIZED,))
             segment = writer.segment
-        answer = self._collect(request, segment)
-        return answer._replace(headers=answer.headers + cors) if cors else answer
+        return self._collect(request, segment)
+
+    def _forbidden(self, origin: bytes) -> Answer:
+        state = self.state
+        state.count_rejected("forbidden_origin")
+        return Answer(403, error_body(
+            "forbidden_origin", origin=origin.decode("latin-1"),
+            detail="add this origin to CORS_ALLOWED_ORIGINS to let its pages post"
+            if state.cors_any or state.cors_origins else
+            "CORS_ALLOWED_ORIGINS is empty: no page on another origin may post"))
 
     def _collect(self, request: IngestRequest, segment: str) -> Answer:
         state = self.state
@@ -152,13 +226,16 @@ class Collect:
         media_type = request.media_type
         if problem == "unsupported_content_encoding" or media_type.startswith(_MULTIPART):
             return self._unsupported()
-        if problem == "invalid_gzip":
+        if problem == "invalid_encoding":
             state.count_rejected("invalid_encoding")
-            return Answer(400, error_body("invalid_gzip"))
-        if state.lifecycle.stopping:
-            return self._unavailable("shutting_down")
+            encoding = request.headers.get(b"content-encoding", b"").decode("latin-1")
+            return Answer(400, error_body(
+                "invalid_encoding", encoding=encoding,
+                detail=f"the body does not decompress as Content-Encoding: {encoding}"))
         if request.is_batch:
-            return self._collect_batch(request, segment)
+            return self._collect_lines(request.body, segment)
+        if request.is_array:
+            return self._collect_array(request.body, segment)
         body = request.body
         if state.validate_json or media_type == _FORM_URLENCODED:
             problem = body_error(body)
@@ -166,63 +243,100 @@ class Collect:
                 return self._unsupported()
             if problem is not None and state.validate_json:
                 state.count_rejected("invalid_json")
-                return Answer(400, error_body("invalid_json", detail=problem))
-        if not state.queue.offer([Event(state.now_ms(), body, segment)]):
-            return self._unavailable("queue_full")
-        self._accepted.inc()
-        return ACCEPTED
+                if _looks_like_ndjson(body):
+                    return Answer(400, error_body(
+                        "invalid_json", detail=problem, expected="NDJSON (one JSON object per "
+                        "line) needs Content-Type: application/x-ndjson"))
+                return Answer(400, error_body("invalid_json", detail=problem,
+                                              expected=_ONE_EVENT))
+        return state.admit([body], segment)
 
-    def _collect_batch(self, request: IngestRequest, segment: str) -> Answer:
+    def _collect_lines(self, body: bytes, segment: str) -> Answer:
+        """An NDJSON batch: one event per line, blank lines ignored."""
         state = self.state
         events = []
-        for number, line in enumerate(request.body.split(b"\n"), 1):
+        for number, line in enumerate(body.split(b"\n"), 1):
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line.strip():
                 continue
             if len(line) > self.max_event_bytes:
-                state.count_rejected("too_large")
-                return Answer(413, error_body(
-                    "too_large", line=number, max_bytes=self.max_event_bytes))
+                return self._event_too_large("line", number)
             if state.validate_json:
                 problem = body_error(line)
                 if problem is not None:
                     state.count_rejected("invalid_json")
-                    return Answer(400, error_body("invalid_json", line=number, detail=problem))
+                    return Answer(400, error_body("invalid_json", line=number, detail=problem,
+                                                  expected="one JSON object per line"))
             events.append(line)
+        return self.admit_batch(events, segment)
+
+    def _collect_array(self, body: bytes, segment: str) -> Answer:
+        """A JSON array of objects: one event per element, each the bytes
+        of that element as they arrived (never re-serialized)."""
+        state = self.state
+        try:
+            events = list(map(bytes, _array_of_raw.decode(body)))
+        except msgspec.DecodeError as error:
+            state.count_rejected("invalid_json")
+            return Answer(400, error_body("invalid_json", detail=str(error),
+                                          expected="a JSON array of objects"))
+        validate = state.validate_json
+        for number, event in enumerate(events, 1):
+            if len(event) > self.max_event_bytes:
+                return self._event_too_large("element", number)
+            problem = body_error(event) if validate else (
+                None if event[:1] == b"{" else "not_object")
+            if problem is not None:
+                state.count_rejected("invalid_json")
+                return Answer(400, error_body("invalid_json", element=number, detail=problem,
+                                              expected="a JSON array of objects"))
+        return self.admit_batch(events, segment)
+
+    def _event_too_large(self, where: str, number: int) -> Answer:
+        self.state.count_rejected("too_large")
+        return Answer(413, error_body(
+            "too_large", **{where: number}, max_bytes=self.max_event_bytes,
+            detail=f"each event is at most {self.max_event_bytes} bytes (MAX_BODY_SIZE)"))
+
+    def admit_batch(self, events: list[bytes], segment: str) -> Answer:
+        """Admit one request's events as a batch: 400 when there are none,
+        413 over `max_batch_events`, else `IngestState.admit` (all or none).
+        Routes for other protocols call this with the bodies they cut."""
+        state = self.state
         if not events:
             state.count_rejected("invalid_json")
-            return Answer(400, error_body("invalid_json", detail="no_events"))
+            return Answer(400, error_body("invalid_json", detail="no_events",
+                                          expected="at least one event"))
         if len(events) > self.max_batch_events:
             state.count_rejected("too_large")
-            return Answer(413, error_body("too_many_events", max_events=self.max_batch_events))
-        if not state.queue.offer(events_of(state.now_ms(), events, segment)):
-            return self._unavailable("queue_full")
-        self._accepted.inc(len(events))
-        return Answer(202, b'{"status":"accepted","events":%d}\n' % len(events))
+            return Answer(413, error_body(
+                "too_many_events", max_events=self.max_batch_events,
+                detail=f"a batch holds at most {self.max_batch_events} events "
+                       "(MAX_BATCH_EVENTS): send smaller chunks"))
+        return state.admit(events, segment)
 
-    def _preflight(self, request: IngestRequest) -> Answer:
+    def preflight(self, request: IngestRequest) -> Answer:
         """CORS preflight for browser SDKs: which origins may POST, with
-        which headers."""
-        origin = request.headers.get(b"origin")
+        which headers (those the browser asks for), with credentials."""
+        headers = request.headers
+        origin = headers.get(b"origin")
         if origin is None:
             return Answer(204, b"", (_ALLOW,))
-        allowed = self.state.allowed_origin(origin)
-        if allowed is None:
-            self.state.count_rejected("forbidden_origin")
-            return Answer(403, error_body("forbidden_origin"), (_ALLOW,))
-        return Answer(204, b"", (_ALLOW, (b"access-control-allow-origin", allowed)) + _PREFLIGHT)
+        if not self.state.origin_allowed(origin):
+            return self._forbidden(origin)
+        asked = headers.get(b"access-control-request-headers")
+        answer: Headers = ((_ALLOW, (b"access-control-allow-headers",
+                                     asked or _PREFLIGHT_HEADERS)) + _PREFLIGHT)
+        if headers.get(b"access-control-request-private-network") == b"true":
+            answer += ((b"access-control-allow-private-network", b"true"),)
+        return Answer(204, b"", answer)
 
     def _unsupported(self) -> Answer:
         self.state.count_rejected("unsupported_media_type")
         return Answer(415, error_body(
             "unsupported_media_type", expected="application/json or application/x-ndjson, "
-            "optionally with Content-Encoding: gzip"))
-
-    def _unavailable(self, reason: str) -> Answer:
-        self.state.count_rejected(reason)
-        return Answer(503, error_body(reason), (_RETRY_AFTER,),
-                      close=reason == "shutting_down")
+            f"with {_ENCODINGS}"))
 
 
 HEALTHY = Answer(200, b'{"status":"ok"}\n')
@@ -252,7 +366,7 @@ class Routes:
     def __init__(self, state: IngestState, max_event_bytes: int,
                  max_batch_events: int) -> None:
         self.state = state
-        collect = Collect(state, max_event_bytes, max_batch_events)
+        collect = self._collect = Collect(state, max_event_bytes, max_batch_events)
         self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
             b"/collect": collect,
             b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),
@@ -262,6 +376,16 @@ class Routes:
     def __call__(self, request: IngestRequest) -> Answer:
         handler = self._routes.get(request.path)
         if handler is None:
-            self.state.count_rejected("not_found")
-            return Answer(404, error_body("not_found"))
-        return handler(request)
+            if request.method == b"OPTIONS" and b"origin" in request.headers:
+                # A page asks before it posts anywhere: let it read the 404.
+                answer = self._collect.preflight(request)
+            else:
+                self.state.count_rejected("not_found")
+                answer = Answer(404, error_body("not_found", expected="POST /collect"))
+        else:
+            answer = handler(request)
+        if b"origin" in request.headers:
+            cors = self.state.cors_headers(request.headers)
+            if cors:
+                return answer._replace(headers=answer.headers + cors)
+        return answer

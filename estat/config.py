@@ -189,16 +189,22 @@ OPTIONS: tuple[Option, ...] = (
            "Twisted endpoint for /metrics, /healthz and /readyz"),
     Option("max-body-size", "MAX_BODY_SIZE", parse_positive_size, "16384",
            "largest accepted request body in bytes (413 above)"),
-    Option("max-batch-body-size", "MAX_BATCH_BODY_SIZE", parse_positive_size, "1MiB",
-           "largest accepted application/x-ndjson body in bytes, after "
-           "decompression (413 above)"),
-    Option("max-batch-events", "MAX_BATCH_EVENTS", parse_positive_int, "1000",
-           "most events in one application/x-ndjson body (413 above)"),
+    Option("max-batch-body-size", "MAX_BATCH_BODY_SIZE", parse_positive_size, "20MiB",
+           "largest accepted batch (application/x-ndjson or a JSON array) in "
+           "bytes, after decompression (413 above)"),
+    Option("max-batch-events", "MAX_BATCH_EVENTS", parse_positive_int, "50000",
+           "most events in one batch (413 above)"),
+    Option("request-bodies-max-bytes", "REQUEST_BODIES_MAX_BYTES", parse_positive_size,
+           "64MiB", "request bodies being received at once, inflated, over all "
+           "connections; a request that would go over gets 503"),
     Option("validate-json", "VALIDATE_JSON", parse_bool, "true",
            "reject bodies that are not one JSON object with 400"),
     Option("event-queue-size", "EVENT_QUEUE_SIZE", parse_positive_int,
-           "10000", "events waiting for the batcher; /collect answers 503 "
+           "100000", "events waiting for the batcher; /collect answers 503 "
            "when full"),
+    Option("event-queue-max-bytes", "EVENT_QUEUE_MAX_BYTES", parse_positive_size,
+           "64MiB", "bytes of bodies waiting for the batcher; /collect answers "
+           "503 when full"),
     Option("batch-size", "BATCH_SIZE", parse_positive_int, "10000",
            "flush a batch when it holds this many events"),
     Option("batch-max-bytes", "BATCH_MAX_BYTES", parse_positive_size, "8MiB",
@@ -300,8 +306,10 @@ class Settings:
     max_body_size: int = _default("max-body-size")
     max_batch_body_size: int = _default("max-batch-body-size")
     max_batch_events: int = _default("max-batch-events")
+    request_bodies_max_bytes: int = _default("request-bodies-max-bytes")
     validate_json: bool = _default("validate-json")
     event_queue_size: int = _default("event-queue-size")
+    event_queue_max_bytes: int = _default("event-queue-max-bytes")
     batch_size: int = _default("batch-size")
     batch_max_bytes: int = _default("batch-max-bytes")
     flush_interval: float = _default("flush-interval")
@@ -359,7 +367,31 @@ def load_settings(
     if values["prefix"] == values["raw_prefix"]:
         raise ConfigError("PREFIX and RAW_PREFIX must differ, so that raw "
                           "bodies never mix with events.")
+    check_limits(values)
     return Settings(**values)
+
+
+# (smaller, larger): each request limit must fit what holds the request.
+_FITS = (
+    ("max_batch_events", "event_queue_size",
+     "the event queue could never take a full batch"),
+    ("max_batch_body_size", "event_queue_max_bytes",
+     "the event queue could never take a full batch"),
+    ("max_batch_body_size", "request_bodies_max_bytes",
+     "a full batch could never be received"),
+    ("max_body_size", "max_batch_body_size", "one event would be larger than a batch"),
+)
+
+
+def check_limits(values: Mapping[str, Any]) -> None:
+    """Refuse request limits that the queue or the body budget can never
+    accept: such a request would be refused with 503 for ever, and a log
+    shipper drops it after a few retries."""
+    for small, large, why in _FITS:
+        if values[small] > values[large]:
+            raise ConfigError(
+                f"{small.upper()} ({values[small]}) must not exceed {large.upper()} "
+                f"({values[large]}): {why}.")
 
 
 def _parse_repeated(option: Option, given: Optional[Sequence[str]],

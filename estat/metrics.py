@@ -39,6 +39,8 @@ REJECT_REASONS = (
     "bad_request",
     "too_many_connections",
     "first_request_timeout",
+    "http2_not_supported",
+    "request_bodies_full",
 )
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (

@@ -140,7 +140,7 @@ def build(settings: Settings, reactor: IIngestReactor,
     if pool is None:
         pool = ThreadPool(minthreads=0, maxthreads=settings.encode_threads,
                           name="estat-encode")
-    queue = EventQueue(settings.event_queue_size)
+    queue = EventQueue(settings.event_queue_size, settings.event_queue_max_bytes)
     lifecycle = Lifecycle()
     write_keys = (WriteKeys.from_file(settings.auth_tokens_file)
                   if settings.auth_tokens_file else None)
@@ -161,11 +161,13 @@ def build(settings: Settings, reactor: IIngestReactor,
         max_body_size=settings.max_body_size, max_batch_body_size=settings.max_batch_body_size,
         request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
         first_request_timeout=settings.first_request_timeout,
-        max_connections=settings.max_connections)
+        max_connections=settings.max_connections,
+        max_receiving_bytes=settings.request_bodies_max_bytes)
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=settings.max_body_size,
                        max_batch_events=settings.max_batch_events),
-        limits=limits, counters=state, lifecycle=lifecycle, reactor=reactor)
+        limits=limits, counters=state, lifecycle=lifecycle, reactor=reactor,
+        answer_headers=state.cors_headers)
     admin_site = AdminSite({
         b"metrics": MetricsPage(registry),
         b"healthz": HealthResource(),

@@ -5,6 +5,7 @@ server, `twistd -n estat-ingest`)."""
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import json
 import os
@@ -284,7 +285,8 @@ def make_workdir(test: Any) -> str:
 # just over it).
 TEST_LIMITS = Limits(max_headers=64, max_header_bytes=16 * 1024, max_body_size=1024,
                      max_batch_body_size=1024 * 1024, request_timeout=10.0,
-                     idle_timeout=60.0, first_request_timeout=5.0, max_connections=1024)
+                     idle_timeout=60.0, first_request_timeout=5.0, max_connections=1024,
+                     max_receiving_bytes=64 * 1024 * 1024)
 
 
 @dataclass
@@ -324,7 +326,8 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=limits.max_body_size,
                        max_batch_events=max_batch_events),
-        limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock)
+        limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock,
+        answer_headers=state.cors_headers)
     listener.doStart()
     return Listening(listener, queue, state, metrics.registry, clock)
 
@@ -411,3 +414,32 @@ class RawClient(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.closed.callback(None)
+
+
+def make_certificate(directory: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as handle:
+        handle.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return cert_path, key_path

@@ -15,6 +15,7 @@ from tests.support import Exchange, ListenerTestCase, make_workdir, post_bytes
 
 KEY_A = "a" * 20 + "-key-web"
 KEY_B = "b" * 20 + "-key-batch"
+DEFAULT_SEGMENT = "source=__HIVE_DEFAULT_PARTITION__"
 TOKENS = f"""# key name [segment]
 {KEY_A} web source=web
 {KEY_B}   backend   # no segment
@@ -52,6 +53,9 @@ class TokensFileTests(unittest.TestCase):
                               (f"{KEY_A} n ../x y\n", "more than"),
                               (f"{KEY_A} n seg ment\n", "more than"),
                               (f"{KEY_A} n se?g\n", "prefix segment"),
+                              (f"{KEY_A} n web\n", "must be Hive partitions name=value"),
+                              (f"{KEY_A} a source=web\n{KEY_B} b team=x\n",
+                               "line 2: the segment's partitions (team) differ from line 1's"),
                               ("# nothing\n", "holds no keys")]:
             with self.assertRaises(TokensFileError) as caught:
                 parse_tokens(text)
@@ -71,7 +75,12 @@ class TokensFileTests(unittest.TestCase):
         keys = WriteKeys.from_file(path)
         new_key = "c" * 24
         with open(path, "w") as handle:
-            handle.write(f"{new_key} rotated\n")
+            handle.write(f"{new_key} rotated team=a\n")
+        with self.assertRaises(TokensFileError) as caught:
+            keys.reload()  # other partitions: the layout would change under readers
+        self.assertIn("restart the server", str(caught.exception))
+        with open(path, "w") as handle:
+            handle.write(f"{new_key} rotated source=app\n")
         self.assertEqual(keys.reload(), 1)
         self.assertEqual(keys.writer_for(None, KEY_A.encode())[1], "auth_invalid")
         self.assertEqual(keys.writer_for(None, new_key.encode())[0].name, "rotated")
@@ -94,8 +103,8 @@ class AuthenticatedCollectTests(ListenerTestCase):
 
     def test_missing_or_wrong_key_is_401_and_counted(self):
         code, headers, body = self.one(post_bytes(b'{"a":1}'))
-        self.assertEqual((code, json.loads(body)),
-                         (401, {"error": "unauthorized", "detail": "missing_key"}))
+        self.assertEqual((code, json.loads(body)["detail"]), (401, "missing_key"))
+        self.assertIn("?write_key=", json.loads(body)["expected"])
         self.assertIn(b"Bearer", headers[b"www-authenticate"])
         code, _, body = self.one(post_bytes(b'{"a":1}', extra=b"X-Write-Key: wrong-wrong-wrong\r\n"))
         self.assertEqual((code, json.loads(body)["detail"]), (401, "invalid_key"))
@@ -127,14 +136,15 @@ class AuthenticatedCollectTests(ListenerTestCase):
                                          extra=b"X-Write-Key: %s\r\n" % KEY_B.encode()))
         self.assertEqual(code, 202)
         self.assertEqual(list(self.queue),
-                         [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}', ""), (7, b'{"b":2}', "")])
+                         [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}', DEFAULT_SEGMENT),
+                          (7, b'{"b":2}', DEFAULT_SEGMENT)])
         objects = encode_batch(Batch(list(self.queue), 0, "ID", "size"), validated=True,
                                prefix="raw", raw_prefix="raw_dlq", host_id="h")
         keys = {o.key: [json.loads(l)["body"] for l in gzip.decompress(o.data).splitlines()]
                 for o in objects}
         self.assertEqual(keys, {
             "raw/source=web/dt=1970-01-01/hour=00/h-ID.jsonl.gz": [{"a": 1}],
-            "raw/dt=1970-01-01/hour=00/h-ID.jsonl.gz": [{"b": 1}, {"b": 2}],
+            f"raw/{DEFAULT_SEGMENT}/dt=1970-01-01/hour=00/h-ID.jsonl.gz": [{"b": 1}, {"b": 2}],
         })
 
     def test_cors_preflight_and_headers(self):

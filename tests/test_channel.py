@@ -17,6 +17,7 @@ from estat.http.channel import IngestListener
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, raw_error, response
 from estat.lifecycle import Lifecycle
+from tests.fakes import capture_logs, logged
 from tests.support import TEST_LIMITS, Exchange, ListenerTestCase, post_bytes
 
 
@@ -75,13 +76,53 @@ class ChannelTests(ListenerTestCase):
         self.assertTrue(head.endswith(b"\r\n\r\n"))
         self.assertIn(b"Content-Length: 16\r\n", head)
 
-    def test_upgrade_requests_are_refused(self):
-        client = Exchange(self.listener)
-        [(code, _, body)] = client.send_and_read(
-            b"GET /collect HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-        self.assertEqual((code, json.loads(body)),
-                         (400, {"error": "bad_request", "detail": "upgrade_not_supported"}))
-        self.assertTrue(client.transport.disconnecting)
+    def test_upgrade_is_ignored_and_the_request_answered_in_http11(self):
+        """`Upgrade: h2c` (Java's HttpClient, `curl --http2`) is ignored
+        (RFC 9110 section 7.8): the body is read, the answer is HTTP/1.1
+        without `Connection: upgrade`, and the connection stays usable."""
+        upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+        chunked = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                   b"Transfer-Encoding: chunked\r\n" + upgrade + b"\r\n"
+                   b"8\r\n{\"n\":3}\n\r\n8\r\n{\"n\":4}\n\r\n0\r\n\r\n")
+        data = (post_bytes(b'{"n":1}', extra=upgrade) + post_bytes(b'{"n":2}') + chunked
+                + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\n")
+        for cuts in ([], [60, 200, 300], list(range(0, len(data), 7))):
+            self.queue._events.clear()
+            client = Exchange(self.listener)
+            client.send_in_pieces(data, cuts)
+            answers = client.responses()
+            self.assertEqual([code for code, _, _ in answers], [202, 202, 202, 200], cuts)
+            for _, headers, _ in answers:
+                self.assertNotIn(b"upgrade", headers.get(b"connection", b"").lower())
+                self.assertNotIn(b"upgrade", headers)
+            self.assertTrue(client.transport.value().startswith(b"HTTP/1.1 202 Accepted\r\n"))
+            self.assertEqual([event.body for event in list(self.queue)],
+                             [b'{"n":1}', b'{"n":2}', b'{"n":3}', b'{"n":4}'])
+            self.assertFalse(client.transport.disconnecting)
+
+    def test_http2_prior_knowledge_is_refused_naming_http11(self):
+        logs = capture_logs(self)
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00"
+        for _ in range(3):
+            client = Exchange(self.listener)
+            [(code, _, body)] = client.send_and_read(preface)
+            self.assertEqual((code, json.loads(body)["error"]),
+                             (505, "http_version_not_supported"))
+            self.assertIn("HTTP/1.1", json.loads(body)["detail"])
+            self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(self.metric("estat_events_rejected_total",
+                                     reason="http2_not_supported"), 3)
+        # Logged with the advice, at most once per interval, then with how
+        # many the quiet period hid.
+        said = [e for e in logged(logs, "refused") if e["reason"] == "http2_not_supported"]
+        self.assertEqual(len(said), 1)
+        self.assertIn("HTTP/1.1", said[0]["advice"])
+        self.clock.advance(61)
+        Exchange(self.listener).send(preface)
+        said = [e for e in logged(logs, "refused") if e["reason"] == "http2_not_supported"]
+        self.assertEqual([e["more"] for e in said],
+                         ["", " (2 more http2_not_supported refusals since the last such line)"])
 
     def test_a_header_that_never_ends_is_cut_off(self):
         client = Exchange(self.listener)

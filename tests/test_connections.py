@@ -15,8 +15,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
-from tests.support import Exchange, ListenerTestCase, RawClient, make_listener
-from tests.support import poll_until, post_bytes
+from tests.support import (
+    Exchange,
+    ListenerTestCase,
+    RawClient,
+    make_certificate,
+    make_listener,
+    make_workdir,
+    poll_until,
+    post_bytes,
+)
 
 
 class FirstRequestTimeoutTests(ListenerTestCase):
@@ -211,3 +219,78 @@ class RefusalLogTests(ListenerTestCase):
             (400, "invalid_json", client,
              " (2 more invalid_json refusals since the last such line)"),
         ])
+
+class TlsAlpnTests(unittest.TestCase):
+    """A TLS listener (`ssl:` endpoint) and a client that offers ALPN
+    `h2, http/1.1`, as curl, browsers and Java do: the handshake selects
+    http/1.1 and the request is answered."""
+
+    @inlineCallbacks
+    def test_alpn_h2_and_http11_selects_http11(self):
+        import http.client
+        import ssl
+
+        from twisted.internet import endpoints
+        from twisted.internet.threads import deferToThread
+
+        workdir = make_workdir(self)
+        cert, key = make_certificate(workdir)
+        setup = make_listener(queue_size=10)
+        port = yield endpoints.serverFromString(
+            reactor, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+        ).listen(setup.listener)
+        self.addCleanup(port.stopListening)
+
+        def client() -> tuple[object, int, bytes]:
+            context = ssl.create_default_context(cafile=cert)
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", port.getHost().port, context=context, timeout=10)
+            try:
+                connection.request("POST", "/collect", body=b'{"a":1}',
+                                   headers={"Content-Type": "application/json"})
+                answer = connection.getresponse()
+                assert connection.sock is not None
+                return connection.sock.selected_alpn_protocol(), answer.status, answer.read()
+            finally:
+                connection.close()
+
+        selected, status, _ = yield deferToThread(client)
+        self.assertEqual((selected, status), ("http/1.1", 202))
+        self.assertEqual([event.body for event in list(setup.queue)], [b'{"a":1}'])
+
+
+class SlowLargeUploadsTests(unittest.TestCase):
+    """Many clients starting large uploads at once over real TCP: only as
+    many as REQUEST_BODIES_MAX_BYTES allows are read; the others are
+    answered 503 with Retry-After before they send their body."""
+
+    @inlineCallbacks
+    def test_uploads_beyond_the_body_budget_get_503_at_once(self):
+        setup = make_listener(queue_size=10, max_receiving_bytes=1024 * 1024,
+                              max_batch_body_size=512 * 1024)
+        port = reactor.listenTCP(0, setup.listener, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        body = b'{"a":1}\n' + b" " * (400 * 1024 - 8)
+        head = (b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body))
+        clients = []
+        for _ in range(4):
+            client = RawClient()
+            yield connectProtocol(endpoint, client)
+            self.addCleanup(client.transport.abortConnection)
+            client.transport.write(head)
+            clients.append(client)
+        yield poll_until(lambda: all(c.data for c in clients), 10, what="four first answers")
+        continued = [c for c in clients if c.data.startswith(b"HTTP/1.1 100 Continue")]
+        refused = [c for c in clients if b"503 Service Unavailable" in c.data]
+        self.assertEqual((len(continued), len(refused)), (2, 2))
+        for client in refused:
+            self.assertIn(b"request_bodies_full", client.data)
+            self.assertIn(b"retry-after: 1", client.data)
+        self.assertEqual(setup.listener.budget.used, 2 * len(body))
+        continued[0].transport.write(body)
+        yield poll_until(lambda: b"202 Accepted" in continued[0].data, 10, what="the upload")
+        self.assertEqual(setup.listener.budget.used, len(body))
+        self.assertEqual([e.body for e in list(setup.queue)], [b'{"a":1}'])

@@ -40,8 +40,8 @@ class LimitTests(ListenerTestCase):
         self.assertEqual(client.responses(), [])
         self.clock.advance(2)  # the reaper looks every second
         [(code, _, body)] = client.responses()
-        self.assertEqual((code, json.loads(body)), (408, {"error": "request_timeout",
-                                                          "seconds": 10}))
+        self.assertEqual((code, json.loads(body)["error"], json.loads(body)["seconds"]),
+                         (408, "request_timeout", 10))
         self.assertTrue(client.transport.disconnecting)
         self.assertEqual(self.rejected("request_timeout"), 1)
 
@@ -76,7 +76,7 @@ class LimitTests(ListenerTestCase):
             client = Exchange(self.listener)
             client.send(raw)
             [(code, _, body)] = client.responses()
-            self.assertEqual((code, json.loads(body)), (400, {"error": "bad_request"}), raw)
+            self.assertEqual((code, json.loads(body)["error"]), (400, "bad_request"), raw)
 
     def test_connections_over_the_limit_get_503_and_are_closed(self):
         """When every open connection is busy (an idle one would be closed
@@ -180,6 +180,7 @@ class ArbitraryBytesProperties(unittest.TestCase):
         b"Content-Length: 7\r\n", b"Content-Length: -1\r\n", b"Transfer-Encoding: chunked\r\n",
         b"Content-Encoding: gzip\r\n", b"Expect: 100-continue\r\n", b"Connection: close\r\n",
         b"Content-Type: application/x-ndjson\r\n", b"Upgrade: h2c\r\n", b"\r\n",
+        b"Connection: Upgrade, HTTP2-Settings\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         b'{"a":1}', b"7\r\n{\"a\":1}\r\n0\r\n\r\n"]), max_size=12),
         noise=st.binary(max_size=40), cuts=st.lists(st.integers(0, 300), max_size=5))
     def test_never_raises_and_answers_whole_responses(self, head, noise, cuts):
@@ -189,7 +190,7 @@ class ArbitraryBytesProperties(unittest.TestCase):
         client.send_in_pieces(raw, cuts)
         out = client.transport.value().replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
         for code, headers, body in Exchange.parse(out):
-            self.assertLess(code, 500)
+            self.assertTrue(code < 500 or code == 505, code)  # 505: HTTP/2 prior knowledge
             self.assertIn(b"error" if code >= 400 else b"status", body)
             self.assertEqual(int(headers[b"content-length"]), len(body))
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -39,7 +39,7 @@ class TokensFile(unittest.TestCase):
             self.assertIsNone(re.search(r"[.!?] [A-Z]", message), message)  # one sentence
 
     def test_safe_segments_still_work(self) -> None:
-        for segment in ("source=web", "team/app", "a.b_c-d=e", "/lead/and/trail/"):
+        for segment in ("source=web", "team=a/app=b", "a.b_c-d=e", "/lead=x/and=y/"):
             [writer] = parse_tokens(f"{KEY} writer {segment}\n").values()
             self.assertEqual(writer.segment, segment.strip("/"))
 

@@ -39,6 +39,7 @@ class OfferTests(unittest.TestCase):
         self.assertTrue(queue.offer(sized(2)))
         self.assertFalse(queue.offer(sized(1)))
         self.assertEqual((len(queue), queue.bytes), (3, 10))
+        self.assertEqual(queue.room(), 0)  # full by bytes: not ready
 
     def test_iterating_gives_a_copy(self):
         queue = EventQueue(5)

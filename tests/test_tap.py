@@ -33,7 +33,10 @@ class OptionsTests(unittest.TestCase):
         self.assertEqual((settings.max_body_size, settings.event_queue_size,
                           settings.batch_size, settings.batch_max_bytes,
                           settings.flush_interval, settings.upload_queue_size),
-                         (16384, 10000, 10000, 8 * 1024 * 1024, 5.0, 4))
+                         (16384, 100000, 10000, 8 * 1024 * 1024, 5.0, 4))
+        # What a log shipper's default output sends fits the defaults.
+        self.assertEqual((settings.max_batch_body_size, settings.max_batch_events),
+                         (20 * 1024 * 1024, 50000))
         self.assertTrue(settings.validate_json)
         self.assertEqual((settings.prefix, settings.raw_prefix), ("raw", "raw_dlq"))
 
@@ -50,7 +53,22 @@ class OptionsTests(unittest.TestCase):
             self.assertEqual(getattr(defaults, option.attribute), expected, option.name)
         self.assertEqual((defaults.listen, defaults.max_batch_body_size,
                           defaults.dlq_max_bytes, defaults.s3_timeout),
-                         (("tcp:8080",), 1024 * 1024, 1024**3, 30.0))
+                         (("tcp:8080",), 20 * 1024 * 1024, 1024**3, 30.0))
+
+    def test_a_request_limit_the_queue_can_never_take_is_refused(self):
+        for env, message in [
+            ({"MAX_BATCH_EVENTS": "2000", "EVENT_QUEUE_SIZE": "1000"},
+             "MAX_BATCH_EVENTS (2000) must not exceed EVENT_QUEUE_SIZE (1000): the event "
+             "queue could never take a full batch."),
+            ({"EVENT_QUEUE_MAX_BYTES": "1MiB"},
+             "MAX_BATCH_BODY_SIZE (20971520) must not exceed EVENT_QUEUE_MAX_BYTES "
+             "(1048576): the event queue could never take a full batch."),
+            ({"REQUEST_BODIES_MAX_BYTES": "1MiB"},
+             "MAX_BATCH_BODY_SIZE (20971520) must not exceed REQUEST_BODIES_MAX_BYTES "
+             "(1048576): a full batch could never be received.")]:
+            with self.assertRaises(ConfigError) as caught:
+                load_settings({}, env)
+            self.assertEqual(str(caught.exception), message)
 
     def test_listen_needs_an_endpoint_wherever_it_is_given(self):
         message = "LISTEN must name at least one endpoint, such as tcp:8080."

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from estat.http.request import IngestRequest
+from estat.http.request import _Zlib
 from estat.lifecycle import Lifecycle
 from estat.model import Event
 from tests.support import Exchange, ListenerTestCase, post_bytes
@@ -58,13 +58,27 @@ class CollectTests(ListenerTestCase):
                     b"Content-Length: 1000000000\r\nExpect: 100-continue\r\n\r\n")
         [(code, headers, answer)] = client.responses()
         self.assertEqual(code, 413)
-        self.assertEqual(json.loads(answer), {"error": "too_large", "max_bytes": 64})
+        # Until its first byte, an application/json body may be a JSON array:
+        # the declared length is held to the batch limit.
+        answer = json.loads(answer)
+        self.assertEqual((answer["error"], answer["max_bytes"]), ("too_large", 1024 * 1024))
+        self.assertIn("MAX_BATCH_BODY_SIZE", answer["detail"])
         self.assertNotIn(b"100 Continue", client.transport.value())
         self.assertTrue(client.transport.disconnecting)
         client.send(b"x" * 1000)  # whatever still arrives is ignored
         self.assertEqual(list(self.queue), [])
         self.assertEqual(self.metric("estat_events_rejected_total", reason="too_large"), 1)
         self.assertEqual(self.metric("estat_http_requests_total", code="413"), 1)
+
+    def test_an_object_is_held_to_the_single_event_limit_from_its_first_byte(self):
+        client = Exchange(self.listener)
+        client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100000\r\n\r\n  {\"a\":\"" + b"x" * 100)
+        [(code, _, answer)] = client.responses()
+        answer = json.loads(answer)
+        self.assertEqual((code, answer["max_bytes"]), (413, 64))
+        self.assertIn("application/x-ndjson or a JSON array", answer["detail"])
+        self.assertTrue(client.transport.disconnecting)
 
     def test_over_limit_body_in_the_same_packet_is_not_processed(self):
         [(code, _, _)] = self.exchange(post_bytes(b'{"p":"' + b"x" * 100 + b'"}'))
@@ -111,14 +125,16 @@ class CollectTests(ListenerTestCase):
             b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual([a[0] for a in answers], [405, 404, 404, 404])
         self.assertEqual(answers[0][1][b"allow"], b"POST, OPTIONS")
-        self.assertEqual(json.loads(answers[1][2]), {"error": "not_found"})
+        self.assertEqual(json.loads(answers[1][2]), {"error": "not_found",
+                                                     "expected": "POST /collect"})
         self.assertEqual(list(self.queue), [])
 
     def test_full_queue_answers_503_with_retry_after_at_once(self):
         answers = self.exchange(*[post_bytes(b'{"n":%d}' % i) for i in range(5)])
         self.assertEqual([a[0] for a in answers], [202, 202, 202, 503, 503])
         self.assertEqual(answers[3][1][b"retry-after"], b"1")
-        self.assertEqual(json.loads(answers[3][2]), {"error": "queue_full"})
+        self.assertEqual(json.loads(answers[3][2])["error"], "queue_full")
+        self.assertIn("Retry-After", json.loads(answers[3][2])["detail"])
         self.assertEqual(len(list(self.queue)), 3)
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 2)
 
@@ -184,7 +200,8 @@ class BatchAndGzipTests(ListenerTestCase):
     def test_a_bad_line_refuses_the_whole_batch_and_names_the_line(self):
         code, answer = self.send(b'{"a":1}\n{"a":2}\n[3]\n{"a":4}\n')
         self.assertEqual((code, answer),
-                         (400, {"error": "invalid_json", "line": 3, "detail": "not_object"}))
+                         (400, {"error": "invalid_json", "line": 3, "detail": "not_object",
+                                "expected": "one JSON object per line"}))
         self.assertEqual(list(self.queue), [])
 
     def test_empty_batch_is_refused(self):
@@ -193,7 +210,8 @@ class BatchAndGzipTests(ListenerTestCase):
 
     def test_too_many_events_or_bytes_is_413(self):
         code, answer = self.send(b'{"a":1}\n' * 5)
-        self.assertEqual((code, answer), (413, {"error": "too_many_events", "max_events": 4}))
+        self.assertEqual((code, answer["error"], answer["max_events"]), (413, "too_many_events", 4))
+        self.assertIn("MAX_BATCH_EVENTS", answer["detail"])
         code, answer = self.send(b'{"a":"' + b"x" * 300 + b'"}\n')
         self.assertEqual((code, answer["error"]), (413, "too_large"))
         self.assertEqual(answer["max_bytes"], 256)
@@ -229,15 +247,14 @@ class BatchAndGzipTests(ListenerTestCase):
         self.assertLess(len(bomb), 65536)  # small on the wire, 20 MB inflated
         client = Exchange(self.listener)
         inflated = []
-        request_class = IngestRequest
-        original = request_class._inflate
+        original = _Zlib.inflate
 
-        def spy(request, data):
-            out = original(request, data)
+        def spy(inflater, data, room):
+            out = original(inflater, data, room)
             inflated.append(len(out))
             return out
 
-        self.patch(request_class, "_inflate", spy)
+        self.patch(_Zlib, "inflate", spy)
         client.send(post_bytes(bomb, b"application/x-ndjson", extra=b"Content-Encoding: gzip\r\n"))
         [(code, _, answer)] = client.responses()
         self.assertEqual((code, json.loads(answer)["error"]), (413, "too_large"))
@@ -246,9 +263,10 @@ class BatchAndGzipTests(ListenerTestCase):
 
     def test_bad_or_truncated_gzip_is_400_and_unknown_encoding_415(self):
         code, answer = self.send(b"not gzip at all", extra=b"Content-Encoding: gzip\r\n")
-        self.assertEqual((code, answer["error"]), (400, "invalid_gzip"))
+        self.assertEqual((code, answer["error"], answer["encoding"]),
+                         (400, "invalid_encoding", "gzip"))
         code, answer = self.send(gzip_of(b'{"a":1}\n')[:-6], extra=b"Content-Encoding: gzip\r\n")
-        self.assertEqual((code, answer["error"]), (400, "invalid_gzip"))
+        self.assertEqual((code, answer["error"]), (400, "invalid_encoding"))
         code, answer = self.send(b'{"a":1}\n', extra=b"Content-Encoding: br\r\n")
         self.assertEqual((code, answer["error"]), (415, "unsupported_media_type"))
         self.assertEqual(list(self.queue), [])
@@ -259,10 +277,223 @@ class BatchAndGzipTests(ListenerTestCase):
         """Each line is one event, held to MAX_BODY_SIZE like a single event,
         so the event queue's memory stays EVENT_QUEUE_SIZE x MAX_BODY_SIZE."""
         code, answer = self.send(b'{"a":1}\n{"pad":"' + b"x" * 60 + b'"}\n')
-        self.assertEqual((code, answer), (413, {"error": "too_large", "line": 2, "max_bytes": 64}))
+        self.assertEqual((code, answer["error"], answer["line"], answer["max_bytes"]),
+                         (413, "too_large", 2, 64))
+        self.assertIn("MAX_BODY_SIZE", answer["detail"])
         self.assertEqual(list(self.queue), [])
 
     def test_single_event_limit_still_applies_to_json(self):
         code, answer = self.send(b'{"a":"' + b"x" * 100 + b'"}', b"application/json")
         self.assertEqual((code, answer["max_bytes"]), (413, 64))
 
+
+
+class ShipperBatchTests(ListenerTestCase):
+    """What log shippers send: JSON arrays (Fluent Bit `format json`,
+    Logstash `json_batch`), deflate and zstd bodies, and NDJSON with the
+    wrong label."""
+
+    def setUp(self) -> None:
+        self.listen(queue_size=10, max_body_size=64, now_ms=lambda: 5,
+                    max_batch_body_size=4096, max_batch_events=4)
+
+    def send(self, body: bytes, ctype: bytes = b"application/json", extra: bytes = b""):
+        [answer] = Exchange(self.listener).send_and_read(post_bytes(body, ctype, extra=extra))
+        return answer[0], json.loads(answer[2])
+
+    def test_a_json_array_is_a_batch_of_its_elements_as_sent(self):
+        code, answer = self.send(b' [ {"a": 1} ,\n{"b":[2, 3]}, {"c":"]"} ] ')
+        self.assertEqual((code, answer), (202, {"status": "accepted", "events": 3}))
+        self.assertEqual([e.body for e in list(self.queue)],
+                         [b'{"a": 1}', b'{"b":[2, 3]}', b'{"c":"]"}'])
+
+    def test_an_array_with_a_bad_element_is_refused_whole(self):
+        for body, detail in [(b'[{"a":1}, 2]', "not_object"), (b'[{"a":1}, {"a":NaN}]', None),
+                             (b'[{"a":1}', None), (b"[]", "no_events")]:
+            code, answer = self.send(body)
+            self.assertEqual((code, answer["error"]), (400, "invalid_json"), body)
+            if detail:
+                self.assertEqual(answer["detail"], detail)
+        code, answer = self.send(b"[" + b",".join([b'{"a":1}'] * 5) + b"]")
+        self.assertEqual((code, answer["error"]), (413, "too_many_events"))
+        code, answer = self.send(b'[{"a":1}, {"p":"' + b"x" * 80 + b'"}]')
+        self.assertEqual((code, answer["element"], answer["max_bytes"]), (413, 2, 64))
+        self.assertEqual(list(self.queue), [])
+
+    def test_deflate_zlib_and_raw_and_zstd(self):
+        import zlib
+
+        import zstandard
+
+        raw = zlib.compressobj(6, zlib.DEFLATED, -15)
+        bodies = [(zlib.compress(b'{"a":1}'), b"application/json", b"deflate"),
+                  (raw.compress(b'{"a":2}\n{"a":3}\n') + raw.flush(), NDJSON, b"deflate"),
+                  (zstandard.ZstdCompressor().compress(b'{"a":4}\n')
+                   + zstandard.ZstdCompressor().compress(b'{"a":5}\n'), NDJSON, b"zstd")]
+        for body, ctype, encoding in bodies:
+            code, answer = self.send(body, ctype, b"Content-Encoding: %s\r\n" % encoding)
+            self.assertEqual(code, 202, (encoding, answer))
+        self.assertEqual([e.body for e in list(self.queue)],
+                         [b'{"a":%d}' % n for n in range(1, 6)])
+        code, answer = self.send(b"\x28\xb5\x2f\xfd garbage", NDJSON, b"Content-Encoding: zstd\r\n")
+        self.assertEqual((code, answer["error"]), (400, "invalid_encoding"))
+
+    def test_a_zstd_bomb_inflates_little_past_the_limit(self):
+        import zstandard
+
+        from estat.http import request
+
+        bomb = zstandard.ZstdCompressor().compress(b"{" + b" " * 50_000_000 + b"}")
+        self.assertLess(len(bomb), 4096)
+        inflated = []
+        original = request._Zstd.write
+
+        def spy(inflater, data):
+            inflated.append(len(data))
+            return original(inflater, data)
+
+        self.patch(request._Zstd, "write", spy)
+        code, answer = self.send(bomb, NDJSON, b"Content-Encoding: zstd\r\n")
+        self.assertEqual((code, answer["error"]), (413, "too_large"))
+        self.assertLessEqual(sum(inflated), 4097 + request._ZSTD_WRITE_BYTES)
+
+    def test_ndjson_labelled_json_is_told_the_content_type(self):
+        code, answer = self.send(b'{"a":1}\n{"a":2}\n')
+        self.assertEqual((code, answer["error"]), (400, "invalid_json"))
+        self.assertIn("application/x-ndjson", answer["expected"])
+        self.assertEqual(list(self.queue), [])
+
+
+NDJSON = b"application/x-ndjson"
+ORIGIN = b"https://app.example"
+
+
+class BrowserTests(ListenerTestCase):
+    """CORS: only listed origins may post, simple requests included, and
+    every answer to them (errors too) carries CORS headers with
+    credentials; a beacon's write key may come in the query string."""
+
+    def setUp(self) -> None:
+        from estat.auth import WriteKeys, parse_tokens
+
+        self.key = "k" * 24
+        self.listen(queue_size=10, max_body_size=64, cors_origins=ORIGIN.decode(),
+                    write_keys=WriteKeys("x", parse_tokens(f"{self.key} web\n")))
+
+    def one(self, raw: bytes):
+        [answer] = Exchange(self.listener).send_and_read(raw)
+        return answer
+
+    def keyed(self, body: bytes, origin: bytes = ORIGIN, path: bytes = b"/collect",
+              ctype: bytes = b"text/plain;charset=UTF-8") -> bytes:
+        return post_bytes(body, ctype, path=path,
+                          extra=b"Origin: %s\r\nX-Write-Key: %s\r\n" % (origin, self.key.encode()))
+
+    def assertCors(self, headers: dict[bytes, bytes]) -> None:
+        self.assertEqual((headers.get(b"access-control-allow-origin"),
+                          headers.get(b"access-control-allow-credentials"),
+                          headers.get(b"vary")), (ORIGIN, b"true", b"Origin"))
+
+    def test_an_unlisted_origin_is_refused_and_nothing_stored(self):
+        for origin in (b"https://evil.example", b"null"):
+            code, headers, body = self.one(self.keyed(b'{"a":1}', origin))
+            self.assertEqual((code, json.loads(body)["error"]), (403, "forbidden_origin"))
+            self.assertNotIn(b"access-control-allow-origin", headers)
+        self.assertEqual(list(self.queue), [])
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="forbidden_origin"), 2)
+
+    def test_with_no_allowed_origins_any_origin_is_refused(self):
+        self.listen(queue_size=10, cors_origins="")
+        code, _, body = self.one(post_bytes(b'{"a":1}', extra=b"Origin: %s\r\n" % ORIGIN))
+        self.assertEqual((code, json.loads(body)["error"]), (403, "forbidden_origin"))
+        self.assertIn("CORS_ALLOWED_ORIGINS is empty", json.loads(body)["detail"])
+        self.assertEqual(self.one(post_bytes(b'{"a":1}'))[0], 202)  # no Origin: not a page
+        self.assertEqual(len(list(self.queue)), 1)
+
+    def test_every_answer_to_an_allowed_origin_carries_cors_headers(self):
+        answers = [self.one(self.keyed(b'{"a":1}')),
+                   self.one(self.keyed(b'{"a":"' + b"x" * 100 + b'"}')),  # the channel's 413
+                   self.one(self.keyed(b"nope")),
+                   self.one(self.keyed(b'{"a":1}', path=b"/nowhere")),
+                   self.one(post_bytes(b'{"a":1}', extra=b"Origin: %s\r\n" % ORIGIN))]
+        self.assertEqual([code for code, _, _ in answers], [202, 413, 400, 404, 401])
+        for _, headers, _ in answers:
+            self.assertCors(headers)
+        self.queue.take(10, 1 << 20)
+        for _ in range(10):
+            self.queue.offer([Event(1, b"{}")])
+        code, headers, _ = self.one(self.keyed(b'{"a":1}'))
+        self.assertEqual(code, 503)
+        self.assertCors(headers)
+
+    def test_a_star_echoes_the_origin_never_star(self):
+        self.listen(queue_size=10, cors_origins="*")
+        code, headers, _ = self.one(post_bytes(b'{"a":1}', extra=b"Origin: %s\r\n" % ORIGIN))
+        self.assertEqual(code, 202)
+        self.assertCors(headers)
+
+    def test_preflight_allows_credentials_and_the_headers_asked_for(self):
+        code, headers, _ = self.one(
+            b"OPTIONS /collect HTTP/1.1\r\nHost: x\r\nOrigin: %s\r\n"
+            b"Access-Control-Request-Method: POST\r\n"
+            b"Access-Control-Request-Headers: content-type,x-write-key\r\n\r\n" % ORIGIN)
+        self.assertEqual(code, 204)
+        self.assertCors(headers)
+        self.assertEqual(headers[b"access-control-allow-headers"], b"content-type,x-write-key")
+
+    def test_a_write_key_in_the_query_string(self):
+        request = post_bytes(b'{"a":1}', b"text/plain;charset=UTF-8",
+                             path=b"/collect?write_key=%s" % self.key.encode(),
+                             extra=b"Origin: %s\r\n" % ORIGIN)
+        code, headers, _ = self.one(request)
+        self.assertEqual(code, 202)
+        code, _, _ = self.one(post_bytes(b'{"a":1}', path=b"/collect?write_key=wrong-wrong-wrong"))
+        self.assertEqual(code, 401)
+        crowded = b"&".join(b"f%d=1" % n for n in range(20)) + b"&write_key=" + self.key.encode()
+        self.assertEqual(self.one(post_bytes(b'{"a":1}', path=b"/collect?" + crowded))[0], 401)
+        self.assertEqual([e.body for e in list(self.queue)], [b'{"a":1}'])
+
+
+class BodyBudgetTests(ListenerTestCase):
+    """One budget for the request bodies being received on every
+    connection: over it, 503 with Retry-After before the body is read."""
+
+    def test_bodies_over_the_budget_wait_for_room(self):
+        self.listen(queue_size=10, max_receiving_bytes=100, max_batch_body_size=100)
+        first = Exchange(self.listener)
+        head = b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+        first.send(head + b"Content-Length: 60\r\n\r\n" + b'{"a":1}\n')
+        second = Exchange(self.listener)
+        [(code, headers, body)] = second.send_and_read(
+            head + b"Content-Length: 60\r\nExpect: 100-continue\r\n\r\n")
+        self.assertEqual((code, headers[b"retry-after"], json.loads(body)["error"]),
+                         (503, b"1", "request_bodies_full"))
+        self.assertNotIn(b"100 Continue", second.transport.value())
+        self.assertEqual(self.metric("estat_events_rejected_total",
+                                     reason="request_bodies_full"), 1)
+        first.send(b" " * 52)
+        self.assertEqual([code for code, _, _ in first.responses()], [202])
+        self.assertEqual(self.listener.budget.used, 0)  # answered: given back
+        third = Exchange(self.listener)
+        third.send(head + b"Content-Length: 60\r\n\r\n")
+        self.assertEqual(self.listener.budget.used, 60)
+        third.transport.loseConnection()
+        third.channel.connectionLost()
+        self.assertEqual(self.listener.budget.used, 0)
+
+    def test_a_chunked_or_compressed_body_takes_more_as_it_grows(self):
+        self.listen(queue_size=1000, max_receiving_bytes=100 * 1024, max_batch_body_size=100 * 1024,
+                    max_body_size=1024)
+        client = Exchange(self.listener)
+        client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                    b"Content-Encoding: gzip\r\n\r\n".replace(b"\r\n\r\n",
+                                                             b"\r\nTransfer-Encoding: chunked\r\n\r\n"))
+        self.assertEqual(self.listener.budget.used, 64 * 1024)
+        import gzip
+
+        data = gzip.compress((b'{"a":"' + b"x" * 792 + b'"}\n') * 100)  # 80,000 bytes inflated
+        client.send(b"%x\r\n%s\r\n" % (len(data), data))
+        self.assertEqual(self.listener.budget.used, 100 * 1024)
+        client.send(b"0\r\n\r\n")
+        self.assertEqual([code for code, _, _ in client.responses()], [202])
+        self.assertEqual(self.listener.budget.used, 0)

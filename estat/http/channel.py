@@ -36,6 +36,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
+    IProtocolNegotiationFactory,
     IPushProducer,
     IReactorTime,
     ITCPTransport,
@@ -46,10 +47,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from estat.http.limits import Limits
+from estat.http.limits import BodyBudget, Limits
 from estat.http.refusals import RefusalLog, reason_of
 from estat.http.request import IngestRequest, TooLarge
-from estat.http.response import Answer, error_body, raw_error, response
+from estat.http.response import Answer, Headers, error_body, raw_error, response
 from estat.lifecycle import Lifecycle
 from estat.loops import guarded
 
@@ -57,6 +58,7 @@ _log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _KEEP_ALIVE = ((b"connection", b"keep-alive"),)
 _FEED_BYTES = 16 * 1024  # input parsed between two checks for a paused client
+_PRIOR_KNOWLEDGE = "Pause on PRI/Upgrade"  # llhttp's error for the HTTP/2 preface
 
 
 class ListenerCounters(typing.Protocol):
@@ -80,6 +82,13 @@ class ListenerCounters(typing.Protocol):
 
 
 Handler = Callable[[IngestRequest], Answer]
+# The headers every answer to a request with these headers carries (CORS),
+# the channel's own refusals included.
+AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
+_RETRY_AFTER = ((b"retry-after", b"1"),)
+_FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
+_BAD_REQUEST = ("not a well-formed HTTP/1.1 request (framing, or both Content-Length and "
+                "Transfer-Encoding)")
 
 
 class _Stop(Exception):
@@ -99,7 +108,10 @@ class IngestChannel(Protocol):
         self.limits = listener.limits
         self.counters = listener.counters
         self.lifecycle = listener.lifecycle
+        self.budget = listener.budget
+        self._share = 0  # bytes of the budget the request being received holds
         self.parser = HttpRequestParser(self)
+        self._upgrade: Optional[IngestRequest] = None  # a request whose Upgrade is ignored
         # The connection.
         self.opened = 0.0  # when the connection was made
         self.last_active = 0.0  # when input last arrived
@@ -139,6 +151,7 @@ class IngestChannel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._done = True
+        self._give_back()
         self.started = None
         self.factory.channel_closed(self)
 
@@ -195,11 +208,14 @@ class IngestChannel(Protocol):
             # original as its __context__. Anything but _Stop is a bug.
             if not isinstance(error.__context__, _Stop):
                 raise
-        except HttpParserUpgrade:
-            self._finish(raw_error(400, "bad_request", detail="upgrade_not_supported"),
-                         400, "bad_request")
-        except HttpParserError:
-            self._finish(raw_error(400, "bad_request"), 400, "bad_request")
+        except HttpParserUpgrade as upgrade:
+            self._ignore_upgrade(data[upgrade.args[0]:])
+        except HttpParserError as error:
+            if self._url == [b"*"] and str(error) == _PRIOR_KNOWLEDGE:
+                self._refuse_http2()
+            else:
+                self._finish(raw_error(400, "bad_request", detail=_BAD_REQUEST), 400,
+                             "bad_request")
         if not self._in_message:
             self.started = None
         elif (head_before and message == self._messages and self._request is None
@@ -213,6 +229,33 @@ class IngestChannel(Protocol):
                 except _Stop:
                     pass
         self._flush()
+
+    def _ignore_upgrade(self, rest: bytes | memoryview) -> None:
+        """Answer a request that asked for `Upgrade` (Java's HttpClient
+        and `curl --http2` send `Upgrade: h2c`) in HTTP/1.1, as RFC 9110
+        section 7.8 allows. llhttp stops at the end of its head and leaves
+        the body to the other protocol, so a fresh parser reads the body
+        after a made-up head that carries only the request's framing."""
+        request = self._upgrade
+        assert request is not None
+        head = [b"POST / HTTP/%s\r\n" % self.parser.get_http_version().encode()]
+        for name in (b"content-length", b"transfer-encoding", b"connection"):
+            value = request.headers.get(name)
+            if value is not None and not (name == b"connection"
+                                          and b"keep-alive" not in value.lower()):
+                head.append(b"%s: %s\r\n" % (name, value))
+        head.append(b"\r\n")
+        self.parser = HttpRequestParser(self)
+        head.append(bytes(rest))
+        self._parse(b"".join(head))  # the callbacks resume the same request
+
+    def _refuse_http2(self) -> None:
+        """HTTP/2 with prior knowledge (the `PRI * HTTP/2.0` preface):
+        say in HTTP/1.1 which protocol this server speaks, and close."""
+        self._finish(raw_error(505, "http_version_not_supported",
+                               detail="this server speaks HTTP/1.1 only: send HTTP/1.1 "
+                                      "requests, not HTTP/2 with prior knowledge"),
+                     505, "http2_not_supported")
 
     def _flush(self) -> None:
         out = self._out
@@ -232,16 +275,22 @@ class IngestChannel(Protocol):
     # httptools callbacks, in the order a request arrives
 
     def on_message_begin(self) -> None:
+        if self._upgrade is not None:  # the made-up head after an Upgrade
+            return
         self._messages += 1
         self._in_message = True
         self._new_request()
 
     def on_url(self, url: bytes) -> None:
+        if self._upgrade is not None:
+            return
         self._url.append(url)
         if sum(map(len, self._url)) > self.limits.max_header_bytes:
             self._refuse_headers()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._upgrade is not None:
+            return
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
         limits = self.limits
@@ -251,6 +300,9 @@ class IngestChannel(Protocol):
         self._headers.setdefault(name.lower(), value)
 
     def on_headers_complete(self) -> None:
+        if self._upgrade is not None:
+            self._request, self._upgrade = self._upgrade, None
+            return
         limits = self.limits
         request = self._request = IngestRequest(
             self.parser.get_method(), b"".join(self._url), self._headers,
@@ -258,26 +310,64 @@ class IngestChannel(Protocol):
         try:
             request.check_declared_length()
         except TooLarge as too_large:
-            self._refuse(413, "too_large", max_bytes=too_large.limit)
+            self._refuse_too_large(too_large)
+        declared = self._headers.get(b"content-length")
+        if declared is not None and not request.compressed:
+            share = int(declared)
+        else:
+            share = min(_FIRST_SHARE, request.limit)
+        if share:
+            self._take_share(share)
         expect = self._headers.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue":
             self._out.append(_CONTINUE)
             self._flush()
 
     def on_body(self, data: bytes) -> None:
-        assert self._request is not None
+        request = self._request
+        assert request is not None
         try:
-            self._request.add_body(data)
+            request.add_body(data)
         except TooLarge as too_large:
-            self._refuse(413, "too_large", max_bytes=too_large.limit)
+            self._refuse_too_large(too_large)
+        if request.received > self._share:
+            # An inflating or chunked body: take twice as much, up to its limit.
+            self._take_share(max(request.received, min(2 * self._share, request.limit))
+                             - self._share)
+
+    def _take_share(self, size: int) -> None:
+        """Take `size` more bytes of the body budget for this request, or
+        refuse it with 503 (before its body is read, or as it grows)."""
+        if self.budget.take(size):
+            self._share += size
+            return
+        self._refuse(503, "request_bodies_full", _RETRY_AFTER,
+                     detail="too many request bodies are being received at once: "
+                            "retry after Retry-After seconds")
+
+    def _give_back(self) -> None:
+        if self._share:
+            self.budget.give_back(self._share)
+            self._share = 0
+
+    def _refuse_too_large(self, too_large: TooLarge) -> None:
+        limit = too_large.limit
+        if too_large.batch:
+            detail = (f"a batch is at most {limit} bytes once inflated "
+                      "(MAX_BATCH_BODY_SIZE): send smaller chunks")
+        else:
+            detail = (f"one event is at most {limit} bytes (MAX_BODY_SIZE): send "
+                      "several events as application/x-ndjson or a JSON array")
+        self._refuse(413, "too_large", max_bytes=limit, detail=detail)
 
     def on_message_complete(self) -> None:
         request = self._request
         assert request is not None
+        if self.parser.should_upgrade():
+            self._upgrade = request  # its body follows: see _ignore_upgrade
+            return
         self._in_message = False
         self._request = None
-        if self.parser.should_upgrade():
-            return  # answered by dataReceived's HttpParserUpgrade
         request.body_complete()
         try:
             answer = self.handler(request)
@@ -285,6 +375,8 @@ class IngestChannel(Protocol):
             _log.failure("unexpected error handling {method} {path}",
                          method=request.method, path=request.path)
             answer = Answer(500, error_body("internal_error"))
+        if self._share:
+            self._give_back()  # what was accepted is counted by the queue now
         close = (answer.close or self.lifecycle.stopping
                  or not self.parser.should_keep_alive())
         headers = answer.headers
@@ -305,11 +397,14 @@ class IngestChannel(Protocol):
     def _refuse_headers(self) -> None:
         limits = self.limits
         self._refuse(431, "headers_too_large", max_headers=limits.max_headers,
-                     max_bytes=limits.max_header_bytes)
+                     max_bytes=limits.max_header_bytes,
+                     detail="send fewer or shorter headers (MAX_HEADERS, MAX_HEADER_BYTES)")
 
-    def _refuse(self, code: int, error: str, **details: object) -> None:
+    def _refuse(self, code: int, error: str, headers: Headers = (), **details: object) -> None:
         """Answer `code` and close; called from parser callbacks."""
-        self._finish(raw_error(code, error, **details), code, error)
+        if self._headers:
+            headers += self.factory.answer_headers(self._headers)
+        self._finish(raw_error(code, error, headers, **details), code, error)
         raise _Stop()
 
     def _finish(self, answer: bytes, code: int, reason: str) -> None:
@@ -318,6 +413,7 @@ class IngestChannel(Protocol):
         self._done = True
         self._in_message = False
         self._request = None
+        self._give_back()
         self.started = None
         self.counters.count_response(code)
         self.counters.count_rejected(reason)
@@ -346,7 +442,11 @@ class IngestChannel(Protocol):
         if self._done:
             return
         if self.started is not None and now - self.started > request_timeout:
-            self._finish(raw_error(408, "request_timeout", seconds=request_timeout),
+            self._finish(raw_error(408, "request_timeout",
+                                   self.factory.answer_headers(self._headers),
+                                   seconds=request_timeout,
+                                   detail="send the whole request within REQUEST_TIMEOUT "
+                                          "seconds of its first byte"),
                          408, "request_timeout")
             self._flush()
         elif self.started is None and self._messages == 0:
@@ -389,20 +489,31 @@ class _TooManyConnections(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None  # makeConnection set it
-        self.transport.write(raw_error(503, "too_many_connections"))
+        self.transport.write(raw_error(
+            503, "too_many_connections", _RETRY_AFTER,
+            detail="MAX_CONNECTIONS connections are open: retry after Retry-After seconds"))
         self.transport.loseConnection()
 
 
+@implementer(IProtocolNegotiationFactory)
 class IngestListener(Factory):
     """Builds the ingest listener's connections, each answering with
     `handler` within `limits` and reporting to `counters` (and closing
     after its answer once `lifecycle` is stopping); reaps slow requests and
     idle connections while it listens, and closes them all for an orderly
-    stop with `close_connections`."""
+    stop with `close_connections`.
+
+    On a TLS listener it offers `http/1.1` by ALPN: Twisted's TLS always
+    installs an ALPN callback, which aborts the handshake (an internal-error
+    alert) for every client that offers ALPN unless the factory names its
+    protocols."""
 
     def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
-                 lifecycle: Lifecycle, reactor: IReactorTime) -> None:
+                 lifecycle: Lifecycle, reactor: IReactorTime,
+                 answer_headers: AnswerHeaders = lambda headers: ()) -> None:
         self.handler = handler
+        self.answer_headers = answer_headers
+        self.budget = BodyBudget(limits.max_receiving_bytes)
         self.limits = limits
         self.counters = counters
         self.lifecycle = lifecycle
@@ -429,6 +540,10 @@ class IngestListener(Factory):
         if self._reaper is not None and self._reaper.running:
             self._reaper.stop()
         self._reaper = None
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """The ALPN protocols a TLS listener offers: HTTP/1.1 only."""
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: Optional[IAddress]) -> Optional[Protocol]:
         if len(self.channels) >= self.limits.max_connections and not self._make_room():

@@ -23,6 +23,13 @@ LOG_INTERVAL = 10.0  # seconds between two log lines of one refusal reason
 # Error answers that refuse nobody: /readyz's 503 is a health answer, asked
 # every few seconds by each balancer while the server starts or stops.
 NOT_REFUSALS = frozenset({"not_ready"})
+# What an operator can do about a refusal that is theirs to fix.
+ADVICE = {
+    "request_bodies_full": "raise REQUEST_BODIES_MAX_BYTES if this goes on",
+    "http2_not_supported": "this listener speaks HTTP/1.1 only: configure the client or "
+                           "load balancer for HTTP/1.1",
+    "queue_full": "the pipeline is slower than the load: see docs/tuning.md",
+}
 
 
 def client_of(address: Optional[IAddress]) -> str:
@@ -67,5 +74,7 @@ class RefusalLog:
         more = (f" ({hidden} more {reason} refusals since the last such line)"
                 if hidden else "")
         emit = _log.warn if code >= 500 else _log.info
-        emit("refused {code} {reason} to client {client}{more}", code=code, reason=reason,
-             client=client_of(address), more=more)
+        advice = ADVICE.get(reason)
+        emit("refused {code} {reason} to client {client}{more}{advice}", code=code,
+             reason=reason, client=client_of(address), more=more,
+             advice=f"; {advice}" if advice else "")

@@ -1,113 +1,247 @@
 """One request on the ingest listener, as it arrives.
 
-`IngestRequest` holds what the parser saw (method, path, headers) and reads
-at most a limit of body: the limit comes from the media type, a declared
-Content-Length over it is refused before the body is read (and before
-`100 Continue`), a chunked body that grows past it is cut off, and a gzip'd
-body is inflated while it arrives with the limit applied to the inflated
-size, so a gzip bomb never inflates past the limit.
+`IngestRequest` holds what the parser saw (method, path, query, headers)
+and reads at most a limit of body. The limit comes from the media type: an
+`application/x-ndjson` body is a batch; any other body is a batch when its
+first byte is `[` (a JSON array of events) and one event otherwise, so the
+single-event limit applies as soon as that byte arrives. A declared
+Content-Length over the largest possible limit is refused before the body
+is read (and before `100 Continue`), a body that grows past its limit is
+cut off, and a compressed body (gzip, deflate, zstd) is inflated while it
+arrives with the limit applied to the inflated size, so a compression bomb
+never inflates past the limit.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional
+from typing import IO, Optional, Protocol, cast
+
+import zstandard
 
 from estat.codec import GZIP_WBITS
 
 NDJSON = b"application/x-ndjson"
-_GZIP_ENCODINGS = (b"gzip", b"x-gzip")
+_WHITESPACE = b" \t\r\n"
+_ZSTD_WRITE_BYTES = 64 * 1024  # the most zstd inflates between two limit checks
 
 
 class TooLarge(Exception):
-    """The body is over its limit; `limit` is that limit in bytes."""
+    """The body is over its limit; `limit` is that limit in bytes, and
+    `batch` whether it was a batch's limit."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, batch: bool) -> None:
         super().__init__(limit)
         self.limit = limit
+        self.batch = batch
+
+
+class BadEncoding(Exception):
+    """The body does not decompress as its Content-Encoding says."""
+
+
+class _Inflater(Protocol):
+    def inflate(self, data: bytes, room: int) -> bytes:
+        """What `data` inflates to, stopping soon after `room` bytes (the
+        caller refuses anything past it)."""
+
+    def finished(self) -> bool:
+        """The compressed stream ended (it was not truncated)."""
+
+
+class _Zlib:
+    """gzip (concatenated members allowed, RFC 1952), or deflate as zlib
+    (RFC 1950) or, as some clients send it, raw (RFC 1951): told apart by
+    the zlib header's check bits."""
+
+    def __init__(self, wbits: Optional[int]) -> None:
+        self._wbits = wbits  # None: deflate, decided on the first two bytes
+        self._inflater = zlib.decompressobj(wbits) if wbits is not None else None
+        self._start = b""
+
+    def inflate(self, data: bytes, room: int) -> bytes:
+        if self._inflater is None:
+            data = self._start + data
+            if len(data) < 2:
+                self._start = data
+                return b""
+            zlib_header = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            if zlib_header:
+                self._inflater = zlib.decompressobj(zlib.MAX_WBITS)
+                try:
+                    return self._inflate(data, room)
+                except BadEncoding:
+                    pass  # raw deflate whose first bytes look like a zlib header
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        return self._inflate(data, room)
+
+    def _inflate(self, data: bytes, room: int) -> bytes:
+        assert self._inflater is not None
+        out = []
+        try:
+            while data and room > 0:
+                piece = self._inflater.decompress(data, room)
+                out.append(piece)
+                room -= len(piece)
+                if self._inflater.eof:
+                    data = self._inflater.unused_data
+                    if data and self._wbits == GZIP_WBITS:
+                        self._inflater = zlib.decompressobj(GZIP_WBITS)
+                    elif data:
+                        raise BadEncoding()
+                else:
+                    data = self._inflater.unconsumed_tail
+        except zlib.error:
+            raise BadEncoding() from None
+        return b"".join(out)
+
+    def finished(self) -> bool:
+        return self._inflater is not None and self._inflater.eof
+
+
+class _Over(Exception):
+    pass
+
+
+class _Zstd:
+    """zstd (RFC 8878), frames one after another, through a stream writer
+    whose sink refuses output past the room: inflating stops within
+    `_ZSTD_WRITE_BYTES` of the limit however well the input compresses."""
+
+    _decompressor = zstandard.ZstdDecompressor()
+
+    def __init__(self) -> None:
+        self._out: list[bytes] = []
+        self._size = 0
+        self._room = 0
+        self._writer = self._decompressor.stream_writer(
+            cast(IO[bytes], self), write_size=_ZSTD_WRITE_BYTES)
+
+    def write(self, data: bytes) -> int:
+        """The stream writer's output (zstandard calls this)."""
+        self._size += len(data)
+        self._out.append(bytes(data))
+        if self._size > self._room:
+            raise _Over()
+        return len(data)
+
+    def inflate(self, data: bytes, room: int) -> bytes:
+        self._out, self._size, self._room = [], 0, room
+        try:
+            self._writer.write(data)
+        except _Over:
+            pass
+        except zstandard.ZstdError:
+            raise BadEncoding() from None
+        return b"".join(self._out)
+
+    def finished(self) -> bool:
+        return True  # a truncated frame leaves a cut last line, which is refused
+
+
+def _inflater_for(encoding: bytes) -> Optional[_Inflater]:
+    """The inflater of a Content-Encoding; raises LookupError for one this
+    server does not read."""
+    name = encoding.strip().lower()
+    if name in (b"gzip", b"x-gzip"):
+        return _Zlib(GZIP_WBITS)
+    if name == b"deflate":
+        return _Zlib(None)
+    if name == b"zstd":
+        return _Zstd()
+    if name in (b"identity", b""):
+        return None
+    raise LookupError(name)
 
 
 class IngestRequest:
     """See the module docstring. `headers` maps lowercased names to the
-    first value. After the body arrives: `body` holds it (inflated),
-    `media_type` the lowercased type without parameters, `is_batch` whether
-    it is NDJSON, `body_problem` an error name when the body could not be
-    read (bad gzip, unknown Content-Encoding)."""
+    first value; `query` is the raw query string. After the body arrives:
+    `body` holds it (inflated), `media_type` the lowercased type without
+    parameters, `is_batch` whether it is NDJSON, `is_array` whether it is a
+    JSON array, `body_problem` an error name when the body could not be
+    read (`invalid_encoding`, `unsupported_content_encoding`)."""
 
-    __slots__ = ("method", "path", "headers", "media_type", "is_batch", "limit",
-                 "body_problem", "body", "_chunks", "_received", "_inflater")
+    __slots__ = ("method", "path", "query", "headers", "media_type", "is_batch", "is_array",
+                 "limit", "max_body_size", "max_batch_body_size", "body_problem", "body",
+                 "received", "_chunks", "_inflater", "_sniffing")
 
     def __init__(self, method: bytes, url: bytes, headers: dict[bytes, bytes],
                  max_body_size: int, max_batch_body_size: int) -> None:
         self.method = method
-        self.path = url.split(b"?", 1)[0]
+        self.path, _, self.query = url.partition(b"?")
         self.headers = headers
         self.body = b""
         self.body_problem: Optional[str] = None
+        self.received = 0  # bytes of body so far, inflated
         self._chunks: list[bytes] = []
-        self._received = 0
-        self._inflater: Any = None
+        self._inflater: Optional[_Inflater] = None
+        self.max_body_size = max_body_size
+        self.max_batch_body_size = max_batch_body_size
         content_type = headers.get(b"content-type")
         if content_type:
             self.media_type = content_type.split(b";", 1)[0].strip().lower()
         else:
             self.media_type = b""
         self.is_batch = self.media_type == NDJSON
-        self.limit = max_batch_body_size if self.is_batch else max_body_size
+        self.is_array = False
+        # Until its first byte, any body but NDJSON may be an array.
+        self._sniffing = not self.is_batch
+        self.limit = max_batch_body_size if self.is_batch or self._sniffing else max_body_size
         encoding = headers.get(b"content-encoding")
         if encoding:
-            name = encoding.strip().lower()
-            if name in _GZIP_ENCODINGS:
-                self._inflater = zlib.decompressobj(GZIP_WBITS)
-            elif name != b"identity":
+            try:
+                self._inflater = _inflater_for(encoding)
+            except LookupError:
                 self.body_problem = "unsupported_content_encoding"
+
+    @property
+    def compressed(self) -> bool:
+        return self._inflater is not None
 
     def check_declared_length(self) -> None:
         """Refuse a declared Content-Length over the limit (raises TooLarge)."""
         declared = self.headers.get(b"content-length")
         if declared is not None and int(declared) > self.limit:
-            raise TooLarge(self.limit)
+            raise TooLarge(self.limit, self.limit != self.max_body_size)
 
-    def add_body(self, data: bytes) -> None:
-        """Take the next piece of body; raises TooLarge past the limit."""
+    def add_body(self, data: bytes) -> int:
+        """Take the next piece of body and return how many bytes it added
+        (inflated); raises TooLarge past the limit."""
         if self.body_problem is not None:
-            return
+            return 0
         if self._inflater is not None:
             try:
-                data = self._inflate(data)
-            except zlib.error:
-                self.body_problem = "invalid_gzip"
+                data = self._inflater.inflate(data, self.limit - self.received + 1)
+            except BadEncoding:
+                self.body_problem = "invalid_encoding"
                 self._chunks = []
-                return
-        self._received += len(data)
-        if self._received > self.limit:
+                return 0
+        if self._sniffing:
+            self._sniff(data)
+        self.received += len(data)
+        if self.received > self.limit:
             self._chunks = []
-            raise TooLarge(self.limit)
+            raise TooLarge(self.limit, self.is_batch or self.is_array)
         self._chunks.append(data)
+        return len(data)
 
-    def _inflate(self, data: bytes) -> bytes:
-        """Inflate what arrived, never producing more than one byte past the
-        limit; concatenated gzip members are allowed (RFC 1952)."""
-        out = []
-        room = self.limit - self._received + 1
-        while data and room > 0:
-            piece = self._inflater.decompress(data, room)
-            out.append(piece)
-            room -= len(piece)
-            if self._inflater.eof:
-                data = self._inflater.unused_data
-                if data:
-                    self._inflater = zlib.decompressobj(GZIP_WBITS)
-            else:
-                data = self._inflater.unconsumed_tail
-        return b"".join(out)
+    def _sniff(self, data: bytes) -> None:
+        """The first byte that is not whitespace decides between one event
+        and a JSON array (a batch), and so the limit."""
+        first = data.lstrip(_WHITESPACE)[:1]
+        if first:
+            self._sniffing = False
+            self.is_array = first == b"["
+            if not self.is_array:
+                self.limit = self.max_body_size
 
     def body_complete(self) -> None:
-        """The whole body has arrived: join it, and notice a truncated gzip
-        stream."""
+        """The whole body has arrived: join it, and notice a truncated
+        compressed stream."""
         if self._inflater is not None and self.body_problem is None:
-            if not self._inflater.eof:
-                self.body_problem = "invalid_gzip"
+            if not self._inflater.finished():
+                self.body_problem = "invalid_encoding"
         chunks = self._chunks
         self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []

@@ -71,6 +71,6 @@ def response(code: int, body: bytes, headers: Headers = (),
     return b"".join(head)
 
 
-def raw_error(code: int, error: str, **details: object) -> bytes:
+def raw_error(code: int, error: str, headers: Headers = (), **details: object) -> bytes:
     """A complete JSON error response that closes the connection."""
-    return response(code, error_body(error, **details), close=True)
+    return response(code, error_body(error, **details), headers, close=True)

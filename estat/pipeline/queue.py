@@ -38,7 +38,10 @@ class EventQueue:
         return iter(list(self._events))
 
     def room(self) -> int:
-        """How many more events `offer` would take now (bytes allowing)."""
+        """How many more events `offer` would take now, bytes allowing (0
+        once the bodies fill `max_bytes`)."""
+        if self.max_bytes is not None and self.bytes >= self.max_bytes:
+            return 0
         return self.capacity - len(self._events)
 
     def offer(self, events: list[Event]) -> bool:

@@ -166,7 +166,7 @@ class Reconcile(unittest.TestCase):
         """A slow S3 and tiny queues: most requests get a fast 503 with
         Retry-After, and every 202 is still stored (none via the DLQ)."""
         harness = Harness(self, env={
-            "EVENT_QUEUE_SIZE": "50", "UPLOAD_QUEUE_SIZE": "1",
+            "EVENT_QUEUE_SIZE": "50", "MAX_BATCH_EVENTS": "50", "UPLOAD_QUEUE_SIZE": "1",
             "UPLOAD_CONCURRENCY": "1", "BATCH_SIZE": "20", "FLUSH_INTERVAL": "0.2",
             "S3_TIMEOUT": "5"})
         yield harness.start()
