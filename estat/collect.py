@@ -7,15 +7,15 @@ The handlers are plain functions of an `IngestRequest` returning an
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from prometheus_client import Counter
 
 from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
-from estat.http.response import Answer, error_body
+from estat.http.response import Answer, Headers, error_body
 from estat.lifecycle import Lifecycle
-from estat.metrics import REJECT_REASONS, Metrics
+from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
 from estat.model import Event, events_of
 from estat.pipeline.queue import EventQueue
 from estat.validate import body_error
@@ -53,6 +53,11 @@ class IngestState:
         self._codes: dict[int, Any] = {}
         self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
                           for reason in REJECT_REASONS}
+        self._rejected_by = {(protocol, reason): metrics.protocol_rejected.labels(
+            protocol=protocol, reason=reason) for protocol in PROTOCOLS
+            for reason in REJECT_REASONS}
+        self._accepted_by = {protocol: metrics.protocol_events_accepted.labels(
+            protocol=protocol) for protocol in PROTOCOLS}
 
     def ready(self) -> bool:
         """Running, with room in the queue for at least one more event."""
@@ -64,8 +69,15 @@ class IngestState:
             child = self._codes[code] = self.metrics.http_requests.labels(code=str(code))
         child.inc()
 
-    def count_rejected(self, reason: str, amount: int = 1) -> None:
+    def count_rejected(self, reason: str, amount: int = 1, protocol: str = "collect") -> None:
+        """Count a refusal; what the listener refuses before a path is
+        routed counts as `collect`'s."""
         self._rejected[reason].inc(amount)
+        self._rejected_by[protocol, reason].inc(amount)
+
+    def count_accepted(self, amount: int, protocol: str) -> None:
+        self.metrics.events_accepted.inc(amount)
+        self._accepted_by[protocol].inc(amount)
 
     def gauge_connections(self, count: Callable[[], int]) -> None:
         """Export `count()` as the open-connections gauge."""
@@ -94,6 +106,29 @@ _PREFLIGHT = ((b"access-control-allow-methods", b"POST"),
               (b"access-control-max-age", b"600"), (b"vary", b"Origin"))
 
 
+def cors_headers(state: IngestState, request: IngestRequest) -> Headers:
+    """The CORS headers of an answer to `request` (none unless its origin
+    is allowed); every ingest path that browsers post to adds them."""
+    if state.cors_any or state.cors_origins:
+        allowed = state.allowed_origin(request.headers.get(b"origin"))
+        if allowed is not None:
+            return ((b"access-control-allow-origin", allowed), (b"vary", b"Origin"))
+    return ()
+
+
+def preflight(state: IngestState, request: IngestRequest, protocol: str = "collect") -> Answer:
+    """CORS preflight for browser SDKs: which origins may POST, with
+    which headers."""
+    origin = request.headers.get(b"origin")
+    if origin is None:
+        return Answer(204, b"", (_ALLOW,))
+    allowed = state.allowed_origin(origin)
+    if allowed is None:
+        state.count_rejected("forbidden_origin", protocol=protocol)
+        return Answer(403, error_body("forbidden_origin"), (_ALLOW,))
+    return Answer(204, b"", (_ALLOW, (b"access-control-allow-origin", allowed)) + _PREFLIGHT)
+
+
 class Collect:
     """`POST /collect`: validate and queue without waiting; 503 at once when
     the queue is full or the server is stopping.
@@ -110,21 +145,16 @@ class Collect:
         self.state = state
         self.max_event_bytes = max_event_bytes
         self.max_batch_events = max_batch_events
-        self._accepted = state.metrics.events_accepted
 
     def __call__(self, request: IngestRequest) -> Answer:
         state = self.state
         method = request.method
         if method != b"POST":
             if method == b"OPTIONS":
-                return self._preflight(request)
+                return preflight(state, request)
             state.count_rejected("method_not_allowed")
             return Answer(405, error_body("method_not_allowed", allow="POST"), (_ALLOW,))
-        cors: tuple[tuple[bytes, bytes], ...] = ()
-        if state.cors_any or state.cors_origins:
-            allowed = state.allowed_origin(request.headers.get(b"origin"))
-            if allowed is not None:
-                cors = ((b"access-control-allow-origin", allowed), (b"vary", b"Origin"))
+        cors = cors_headers(state, request)
         segment = ""
         if state.write_keys is not None:
             headers = request.headers
@@ -162,7 +192,7 @@ class Collect:
                 return Answer(400, error_body("invalid_json", detail=problem))
         if not state.queue.offer([Event(state.now_ms(), body, segment)]):
             return self._unavailable("queue_full")
-        self._accepted.inc()
+        state.count_accepted(1, "collect")
         return ACCEPTED
 
     def _collect_batch(self, request: IngestRequest, segment: str) -> Answer:
@@ -191,20 +221,8 @@ class Collect:
             return Answer(413, error_body("too_many_events", max_events=self.max_batch_events))
         if not state.queue.offer(events_of(state.now_ms(), events, segment)):
             return self._unavailable("queue_full")
-        self._accepted.inc(len(events))
+        state.count_accepted(len(events), "collect")
         return Answer(202, b'{"status":"accepted","events":%d}\n' % len(events))
-
-    def _preflight(self, request: IngestRequest) -> Answer:
-        """CORS preflight for browser SDKs: which origins may POST, with
-        which headers."""
-        origin = request.headers.get(b"origin")
-        if origin is None:
-            return Answer(204, b"", (_ALLOW,))
-        allowed = self.state.allowed_origin(origin)
-        if allowed is None:
-            self.state.count_rejected("forbidden_origin")
-            return Answer(403, error_body("forbidden_origin"), (_ALLOW,))
-        return Answer(204, b"", (_ALLOW, (b"access-control-allow-origin", allowed)) + _PREFLIGHT)
 
     def _unsupported(self) -> Answer:
         self.state.count_rejected("unsupported_media_type")
@@ -240,10 +258,13 @@ def _get_only(request: IngestRequest, answer: Callable[[], Answer]) -> Answer:
 class Routes:
     """The ingest listener's paths, matched exactly (`/collect`, not
     `/collect/`); everything else is a JSON 404. `max_event_bytes` and
-    `max_batch_events` are `Collect`'s."""
+    `max_batch_events` are `Collect`'s; `more` adds the paths of other
+    protocols (estat.sdk's)."""
 
     def __init__(self, state: IngestState, max_event_bytes: int,
-                 max_batch_events: int) -> None:
+                 max_batch_events: int,
+                 more: Optional[Mapping[bytes, Callable[[IngestRequest], Answer]]] = None
+                 ) -> None:
         self.state = state
         collect = Collect(state, max_event_bytes, max_batch_events)
         self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
@@ -251,6 +272,7 @@ class Routes:
             b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),
             b"/readyz": lambda request: _get_only(request, lambda: readiness(state)),
         }
+        self._routes.update(more or {})
 
     def __call__(self, request: IngestRequest) -> Answer:
         handler = self._routes.get(request.path)

@@ -33,6 +33,9 @@ REJECT_REASONS = (
     "bad_request",
     "too_many_connections",
 )
+# The wire protocols the ingest listener speaks: /collect, Segment's (and
+# RudderStack's) tracking API, PostHog's capture API.
+PROTOCOLS = ("collect", "segment", "posthog")
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (
     "timeout",
@@ -116,6 +119,20 @@ class Metrics:
             "estat_events_rejected", "Requests refused, by reason", ["reason"], registry=r)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason=reason)
+        self.protocol_events_accepted = ReactorCounter(
+            "estat_protocol_events_accepted", "Events answered as accepted and queued, by "
+            "wire protocol", ["protocol"], registry=r)
+        self.protocol_rejected = ReactorCounter(
+            "estat_protocol_rejected", "Requests refused, by wire protocol and reason",
+            ["protocol", "reason"], registry=r)
+        self.duplicate_events = ReactorCounter(
+            "estat_duplicate_events", "SDK events whose id was accepted lately: answered "
+            "as accepted and not stored again, by wire protocol", ["protocol"], registry=r)
+        for protocol in PROTOCOLS:
+            self.protocol_events_accepted.labels(protocol=protocol)
+            self.duplicate_events.labels(protocol=protocol)
+            for reason in REJECT_REASONS:
+                self.protocol_rejected.labels(protocol=protocol, reason=reason)
         self.batches_flushed = Counter(
             "estat_batches_flushed", "Batches flushed, by what triggered the flush",
             ["trigger"], registry=r)

@@ -52,6 +52,8 @@ from estat.model import Batch, EncodedObject
 from estat.pipeline.batcher import Batcher
 from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Encoder, Uploader
+from estat.sdk import body_limits as sdk_body_limits
+from estat.sdk import routes as sdk_routes
 from estat.signals import ignore_further_signals
 from estat.stores.base import Store
 from estat.stores.factory import make_store
@@ -158,10 +160,11 @@ def build(settings: Settings, reactor: IIngestReactor,
         max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
         max_body_size=settings.max_body_size, max_batch_body_size=settings.max_batch_body_size,
         request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
-        max_connections=settings.max_connections)
+        max_connections=settings.max_connections, path_body_limits=sdk_body_limits(settings))
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=settings.max_body_size,
-                       max_batch_events=settings.max_batch_events),
+                       max_batch_events=settings.max_batch_events,
+                       more=sdk_routes(state, settings, reactor)),
         limits=limits, counters=state, lifecycle=lifecycle, reactor=reactor)
     admin_site = AdminSite({
         b"metrics": MetricsPage(registry),

@@ -8,7 +8,8 @@ timeouts from the listener's reaper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,8 @@ class Limits:
     request_timeout: float  # from a request's first byte to its last (408)
     idle_timeout: float  # a keep-alive connection with no request is closed
     max_connections: int  # open at once; one more is answered 503 and closed
+    # the body limit of these paths, whatever the media type (413)
+    path_body_limits: Mapping[bytes, int] = field(default_factory=dict)
 
     @property
     def max_head_bytes(self) -> int:

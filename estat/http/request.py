@@ -11,12 +11,13 @@ size, so a gzip bomb never inflates past the limit.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from estat.codec import GZIP_WBITS
 
 NDJSON = b"application/x-ndjson"
 _GZIP_ENCODINGS = (b"gzip", b"x-gzip")
+_NO_PATH_LIMITS: Mapping[bytes, int] = {}
 
 
 class TooLarge(Exception):
@@ -29,18 +30,21 @@ class TooLarge(Exception):
 
 class IngestRequest:
     """See the module docstring. `headers` maps lowercased names to the
-    first value. After the body arrives: `body` holds it (inflated),
+    first value; `query` is what follows the path's `?`. A path in
+    `path_limits` has that body limit whatever its media type (the SDK
+    paths, whose batches are JSON). After the body arrives: `body` holds it (inflated),
     `media_type` the lowercased type without parameters, `is_batch` whether
     it is NDJSON, `body_problem` an error name when the body could not be
     read (bad gzip, unknown Content-Encoding)."""
 
-    __slots__ = ("method", "path", "headers", "media_type", "is_batch", "limit",
+    __slots__ = ("method", "path", "query", "headers", "media_type", "is_batch", "limit",
                  "body_problem", "body", "_chunks", "_received", "_inflater")
 
     def __init__(self, method: bytes, url: bytes, headers: dict[bytes, bytes],
-                 max_body_size: int, max_batch_body_size: int) -> None:
+                 max_body_size: int, max_batch_body_size: int,
+                 path_limits: Mapping[bytes, int] = _NO_PATH_LIMITS) -> None:
         self.method = method
-        self.path = url.split(b"?", 1)[0]
+        self.path, _, self.query = url.partition(b"?")
         self.headers = headers
         self.body = b""
         self.body_problem: Optional[str] = None
@@ -53,7 +57,10 @@ class IngestRequest:
         else:
             self.media_type = b""
         self.is_batch = self.media_type == NDJSON
-        self.limit = max_batch_body_size if self.is_batch else max_body_size
+        limit = path_limits.get(self.path) if path_limits else None
+        if limit is None:
+            limit = max_batch_body_size if self.is_batch else max_body_size
+        self.limit = limit
         encoding = headers.get(b"content-encoding")
         if encoding:
             name = encoding.strip().lower()
