@@ -140,6 +140,15 @@ class SegmentTests(SdkTestCase):
                          [("track", {"type": "track"}), ("identify", {"type": "identify"})])
         self.assertEqual(len(self.queue), 6)
 
+    def test_analytics_js_short_paths(self):
+        for path, call in [(b"/v1/t", "track"), (b"/v1/p", "page"), (b"/v1/i", "identify"),
+                           (b"/v1/s", "screen"), (b"/v1/g", "group"), (b"/v1/a", "alias")]:
+            self.assertEqual(self.post(path, b'{"writeKey":"k","messageId":"%s"}' % path,
+                                       b"text/plain")[0], 200)
+            self.assertEqual(self.bodies()[-1]["call"], call)
+        self.assertEqual(self.post(b"/v1/b", b'{"batch":[{}],"writeKey":"k"}')[0], 200)
+        self.assertEqual(self.bodies()[-1]["call"], "batch")
+
     def test_gzip_body(self):
         body = gzip.compress(b'{"batch":[{"messageId":"g"}]}')
         code, _, _ = self.post(b"/v1/batch", body, extra=b"Content-Encoding: gzip\r\n")

@@ -40,6 +40,6 @@ def body_limits(settings: Settings) -> dict[bytes, int]:
     """The body limit of each SDK path (inflated bytes; 413 above): a
     Segment single call is one event."""
     limits = dict.fromkeys(segment.PATHS, settings.segment_max_event_size)
-    limits[segment.BATCH_PATH] = settings.segment_max_batch_size
+    limits.update(dict.fromkeys(segment.BATCH_PATHS, settings.segment_max_batch_size))
     limits.update(dict.fromkeys(posthog.PATHS, settings.posthog_max_batch_size))
     return limits

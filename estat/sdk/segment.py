@@ -1,7 +1,8 @@
 """Segment's HTTP tracking API, which RudderStack's SDKs speak too:
 `POST /v1/batch` with `{"batch":[…], "context":…, "sentAt":…,
 "writeKey":…}`, and the single calls `/v1/track`, `/v1/identify`,
-`/v1/page`, `/v1/screen`, `/v1/group` and `/v1/alias`, each one message.
+`/v1/page`, `/v1/screen`, `/v1/group` and `/v1/alias`, each one message;
+also under the short names analytics.js uses (`/v1/b`, `/v1/t`, ...).
 
 The write key comes as the HTTP Basic user name (Segment's convention),
 as a Bearer or X-Write-Key header, or as the body's `writeKey`; it is
@@ -19,8 +20,12 @@ from estat.sdk.handler import SdkEvent, SdkHandler, Unpacked
 from estat.sdk.idempotence import RecentIds
 
 SINGLE_CALLS = (b"track", b"identify", b"page", b"screen", b"group", b"alias")
-BATCH_PATH = b"/v1/batch"
-PATHS = (BATCH_PATH,) + tuple(b"/v1/" + call for call in SINGLE_CALLS)
+# Each path and the call it is: analytics.js (analytics-next) posts to the
+# calls' first letters (`/v1/t`), and to `/v1/b` when it batches.
+_CALLS = {b"/v1/" + name: name for name in SINGLE_CALLS + (b"batch",)}
+_CALLS.update({b"/v1/" + name[:1]: name for name in SINGLE_CALLS + (b"batch",)})
+BATCH_PATHS = (b"/v1/batch", b"/v1/b")
+PATHS = tuple(_CALLS)
 _KEY = "writeKey"
 _CREDENTIALS = frozenset((_KEY,))
 _BATCH_SHARED_LEAVE_OUT = frozenset(("batch", _KEY))
@@ -42,7 +47,7 @@ class Segment(SdkHandler):
         if not isinstance(value, dict):
             raise EnvelopeError("invalid_json", detail="not_object")
         key = text_of(value.get(_KEY))
-        call = request.path.rpartition(b"/")[2]
+        call = _CALLS[request.path]
         if call != b"batch":
             message = envelope.without(parsed, _CREDENTIALS)
             return Unpacked([SdkEvent(message, _message_id(value))], b"{}", call, key)
