@@ -17,7 +17,7 @@ from estat.config import Settings
 from estat.model import Event
 from estat.sdk.envelope import EnvelopeError, elements, envelope_of, parse, without
 from estat.sdk.handler import basic_username
-from estat.sdk.idempotence import RecentIds, id_key
+from estat.sdk.idempotence import RecentIds, id_key, id_scope
 from tests.support import Exchange, ListenerTestCase, post_bytes
 
 KEY = "k" * 20 + "-segment"
@@ -89,10 +89,10 @@ class RecentIdsTests(unittest.TestCase):
         self.assertNotIn(b"a", window)
 
     def test_keys_name_protocol_and_writer(self):
-        keys = {id_key("segment", "", b"1"), id_key("posthog", "", b"1"),
-                id_key("segment", "web", b"1"), id_key("segment", "", b"2")}
+        keys = {id_key(id_scope("segment", ""), b"1"), id_key(id_scope("posthog", ""), b"1"),
+                id_key(id_scope("segment", "web"), b"1"), id_key(id_scope("segment", ""), b"2")}
         self.assertEqual(len(keys), 4)
-        self.assertEqual(len(id_key("segment", "", b"x" * 10000)), 16)
+        self.assertEqual(len(id_key(id_scope("segment", ""), b"x" * 10000)), 16)
 
 
 class SdkTestCase(ListenerTestCase):

@@ -21,7 +21,7 @@ from estat.http.request import IngestRequest
 from estat.http.response import Answer, error_body
 from estat.model import Event
 from estat.sdk.envelope import EnvelopeError, stored_body
-from estat.sdk.idempotence import RecentIds, id_key
+from estat.sdk.idempotence import RecentIds, id_key, id_scope
 
 # What the admission answers: an Answer now (a Deferred one once the
 # listener takes those; `_then` already handles both).
@@ -204,9 +204,13 @@ class SdkHandler:
         keys: list[bytes] = []
         fresh: set[bytes] = set()
         skipped = 0
+        scopes: dict[Optional[Writer], bytes] = {}
         for event, writer in zip(unpacked.events, writers):
             if event.event_id is not None and recent.max_ids:
-                key = id_key(protocol, writer.name if writer else "", event.event_id)
+                scope = scopes.get(writer)
+                if scope is None:
+                    scope = scopes[writer] = id_scope(protocol, writer.name if writer else "")
+                key = id_key(scope, event.event_id)
                 if key in fresh or key in recent:
                     skipped += 1
                     continue

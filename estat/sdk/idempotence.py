@@ -19,17 +19,17 @@ from typing import Iterable
 from twisted.internet.interfaces import IReactorTime
 
 
-def id_key(protocol: str, writer: str, event_id: bytes) -> bytes:
-    """The window's key for one id: a digest of the protocol, the writer
-    (the write key's name, so that one writer's ids never hide another's
-    events) and the id as sent."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(protocol.encode())
-    digest.update(b"\0")
-    digest.update(writer.encode())
-    digest.update(b"\0")
-    digest.update(event_id)
-    return digest.digest()
+def id_scope(protocol: str, writer: str) -> bytes:
+    """What an id is unique within: the protocol and the writer (the
+    write key's name, so that one writer's ids never hide another's
+    events)."""
+    return b"%s\0%s\0" % (protocol.encode(), writer.encode())
+
+
+def id_key(scope: bytes, event_id: bytes) -> bytes:
+    """The window's key for one id of `scope` (`id_scope`): a 16-byte
+    digest, whatever the id's length."""
+    return hashlib.blake2b(scope + event_id, digest_size=16).digest()
 
 
 class RecentIds:
@@ -47,15 +47,15 @@ class RecentIds:
         return len(self._seen)
 
     def __contains__(self, key: bytes) -> bool:
-        now = self.clock.seconds()
-        self._expire(now)
-        return key in self._seen
+        when = self._seen.get(key)
+        return when is not None and when > self.clock.seconds() - self.max_age
 
     def add(self, keys: Iterable[bytes]) -> None:
         """Remember `keys` as accepted now (a key seen again starts over)."""
         if self.max_ids == 0:
             return
         now = self.clock.seconds()
+        self._expire(now)
         seen = self._seen
         for key in keys:
             seen[key] = now
