@@ -8,7 +8,7 @@ The handlers are plain functions of an `IngestRequest` returning an
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 from urllib.parse import parse_qs
 
 import msgspec
@@ -18,7 +18,7 @@ from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, Headers, error_body
 from estat.lifecycle import Lifecycle
-from estat.metrics import REJECT_REASONS, Metrics
+from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
 from estat.model import Event, events_of
 from estat.pipeline.queue import EventQueue
 from estat.validate import body_error
@@ -27,6 +27,7 @@ RETRY_AFTER_SECONDS = b"1"
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
 _MULTIPART = b"multipart/"
 ACCEPTED_BODY = b'{"status":"accepted"}\n'
+ACCEPTED = Answer(202, ACCEPTED_BODY)
 
 
 class IngestState:
@@ -54,9 +55,14 @@ class IngestState:
         self.cors_origins = frozenset(origins - {b"*"})
         self.now_ms = now_ms
         self._codes: dict[int, Any] = {}
-        self._accepted = metrics.events_accepted
         self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
                           for reason in REJECT_REASONS}
+        self._rejected_by = {(protocol, reason): metrics.protocol_rejected.labels(
+            protocol=protocol, reason=reason) for protocol in PROTOCOLS
+            for reason in REJECT_REASONS}
+        self._accepted = metrics.events_accepted
+        self._accepted_by = {protocol: metrics.protocol_events_accepted.labels(
+            protocol=protocol) for protocol in PROTOCOLS}
 
     def ready(self) -> bool:
         """Running, with room in the queue for at least one more event."""
@@ -68,8 +74,15 @@ class IngestState:
             child = self._codes[code] = self.metrics.http_requests.labels(code=str(code))
         child.inc()
 
-    def count_rejected(self, reason: str, amount: int = 1) -> None:
+    def count_rejected(self, reason: str, amount: int = 1, protocol: str = "collect") -> None:
+        """Count a refusal; what the listener refuses before a path is
+        routed counts as `collect`'s."""
         self._rejected[reason].inc(amount)
+        self._rejected_by[protocol, reason].inc(amount)
+
+    def count_accepted(self, amount: int, protocol: str = "collect") -> None:
+        self._accepted.inc(amount)
+        self._accepted_by[protocol].inc(amount)
 
     def count_evicted(self) -> None:
         self.metrics.connections_evicted.inc()
@@ -97,27 +110,31 @@ class IngestState:
         return ((b"access-control-allow-origin", origin),) + _CORS_ALLOWED
 
     def admit(self, bodies: list[bytes], segment: str) -> Answer:
-        """Offer one request's event bodies to the queue, all or none: 202
-        (naming how many, for more than one body), or 503 with Retry-After
-        when the server is stopping or the queue cannot take them all.
-        Every protocol's handler admits its events through here."""
+        """Offer one request's event bodies, received now for one writer,
+        all or none: 202 (naming how many, for more than one body), or 503
+        with Retry-After (see `admit_events`)."""
+        if len(bodies) == 1:
+            return self.admit_events([Event(self.now_ms(), bodies[0], segment)], ACCEPTED)
+        return self.admit_events(events_of(self.now_ms(), bodies, segment), Answer(
+            202, b'{"status":"accepted","events":%d}\n' % len(bodies)))
+
+    def admit_events(self, events: list[Event], accepted: Answer = ACCEPTED,
+                     protocol: str = "collect") -> Answer:
+        """The one place every protocol's handler hands events to the
+        pipeline, all or none: `accepted` once queued, or 503 with
+        Retry-After when the server is stopping or the queue cannot take
+        them all."""
         if self.lifecycle.stopping:
-            return unavailable(self, "shutting_down")
-        count = len(bodies)
-        if count == 1:
-            if not self.queue.offer([Event(self.now_ms(), bodies[0], segment)]):
-                return unavailable(self, "queue_full")
-            self._accepted.inc()
-            return ACCEPTED
-        if not self.queue.offer(events_of(self.now_ms(), bodies, segment)):
-            return unavailable(self, "queue_full")
-        self._accepted.inc(count)
-        return Answer(202, b'{"status":"accepted","events":%d}\n' % count)
+            return unavailable(self, "shutting_down", protocol)
+        if not self.queue.offer(events):
+            return unavailable(self, "queue_full", protocol)
+        self.count_accepted(len(events), protocol)
+        return accepted
 
 
-def unavailable(state: IngestState, reason: str) -> Answer:
+def unavailable(state: IngestState, reason: str, protocol: str = "collect") -> Answer:
     """503 with Retry-After (closing when the server is stopping)."""
-    state.count_rejected(reason)
+    state.count_rejected(reason, protocol=protocol)
     return Answer(503, error_body(reason, detail=_UNAVAILABLE[reason]), (_RETRY_AFTER,),
                   close=reason == "shutting_down")
 
@@ -126,7 +143,6 @@ _UNAVAILABLE = {
     "queue_full": "the event queue is full: retry after Retry-After seconds",
     "shutting_down": "the server is stopping: retry after Retry-After seconds",
 }
-ACCEPTED = Answer(202, ACCEPTED_BODY)
 _RETRY_AFTER = (b"retry-after", RETRY_AFTER_SECONDS)
 _ALLOW = (b"allow", b"POST, OPTIONS")
 _UNAUTHORIZED = (b"www-authenticate", b'Bearer realm="estat-ingest"')
@@ -160,6 +176,36 @@ def _looks_like_ndjson(body: bytes) -> bool:
     return bool(newline and rest.strip()) and body_error(first.strip()) is None
 
 
+def forbidden_origin(state: IngestState, origin: bytes, protocol: str = "collect") -> Answer:
+    """403 for a request from a page on `origin`, which
+    CORS_ALLOWED_ORIGINS does not list: nothing it sends is stored."""
+    state.count_rejected("forbidden_origin", protocol=protocol)
+    return Answer(403, error_body(
+        "forbidden_origin", origin=origin.decode("latin-1"),
+        detail="add this origin to CORS_ALLOWED_ORIGINS to let its pages post"
+        if state.cors_any or state.cors_origins else
+        "CORS_ALLOWED_ORIGINS is empty: no page on another origin may post"))
+
+
+def preflight(state: IngestState, request: IngestRequest, protocol: str = "collect") -> Answer:
+    """CORS preflight for every ingest path browsers post to: which origins
+    may POST, with which headers (those the browser asks for), with
+    credentials. (The allowed origin itself is echoed on every answer by
+    `IngestState.cors_headers`, through the listener.)"""
+    headers = request.headers
+    origin = headers.get(b"origin")
+    if origin is None:
+        return Answer(204, b"", (_ALLOW,))
+    if not state.origin_allowed(origin):
+        return forbidden_origin(state, origin, protocol)
+    asked = headers.get(b"access-control-request-headers")
+    answer: Headers = ((_ALLOW, (b"access-control-allow-headers",
+                                 asked or _PREFLIGHT_HEADERS)) + _PREFLIGHT)
+    if headers.get(b"access-control-request-private-network") == b"true":
+        answer += ((b"access-control-allow-private-network", b"true"),)
+    return Answer(204, b"", answer)
+
+
 class Collect:
     """`POST /collect`: validate and queue without waiting; 503 at once when
     the queue is full or the server is stopping.
@@ -185,14 +231,14 @@ class Collect:
         method = request.method
         if method != b"POST":
             if method == b"OPTIONS":
-                return self.preflight(request)
+                return preflight(state, request)
             state.count_rejected("method_not_allowed")
             return Answer(405, error_body("method_not_allowed", allow="POST",
                                           detail="send events with POST"), (_ALLOW,))
         headers = request.headers
         origin = headers.get(b"origin")
         if origin is not None and not state.origin_allowed(origin):
-            return self._forbidden(origin)
+            return forbidden_origin(state, origin)
         segment = ""
         if state.write_keys is not None:
             key = headers.get(b"x-write-key")
@@ -210,15 +256,6 @@ class Collect:
                     else "invalid_key", expected=_KEY_EXPECTED), (_UNAUTHORIZED,))
             segment = writer.segment
         return self._collect(request, segment)
-
-    def _forbidden(self, origin: bytes) -> Answer:
-        state = self.state
-        state.count_rejected("forbidden_origin")
-        return Answer(403, error_body(
-            "forbidden_origin", origin=origin.decode("latin-1"),
-            detail="add this origin to CORS_ALLOWED_ORIGINS to let its pages post"
-            if state.cors_any or state.cors_origins else
-            "CORS_ALLOWED_ORIGINS is empty: no page on another origin may post"))
 
     def _collect(self, request: IngestRequest, segment: str) -> Answer:
         state = self.state
@@ -316,22 +353,6 @@ class Collect:
                        "(MAX_BATCH_EVENTS): send smaller chunks"))
         return state.admit(events, segment)
 
-    def preflight(self, request: IngestRequest) -> Answer:
-        """CORS preflight for browser SDKs: which origins may POST, with
-        which headers (those the browser asks for), with credentials."""
-        headers = request.headers
-        origin = headers.get(b"origin")
-        if origin is None:
-            return Answer(204, b"", (_ALLOW,))
-        if not self.state.origin_allowed(origin):
-            return self._forbidden(origin)
-        asked = headers.get(b"access-control-request-headers")
-        answer: Headers = ((_ALLOW, (b"access-control-allow-headers",
-                                     asked or _PREFLIGHT_HEADERS)) + _PREFLIGHT)
-        if headers.get(b"access-control-request-private-network") == b"true":
-            answer += ((b"access-control-allow-private-network", b"true"),)
-        return Answer(204, b"", answer)
-
     def _unsupported(self) -> Answer:
         self.state.count_rejected("unsupported_media_type")
         return Answer(415, error_body(
@@ -361,24 +382,28 @@ def _get_only(request: IngestRequest, answer: Callable[[], Answer]) -> Answer:
 class Routes:
     """The ingest listener's paths, matched exactly (`/collect`, not
     `/collect/`); everything else is a JSON 404. `max_event_bytes` and
-    `max_batch_events` are `Collect`'s."""
+    `max_batch_events` are `Collect`'s; `more` adds the paths of other
+    protocols (estat.sdk's)."""
 
     def __init__(self, state: IngestState, max_event_bytes: int,
-                 max_batch_events: int) -> None:
+                 max_batch_events: int,
+                 more: Optional[Mapping[bytes, Callable[[IngestRequest], Answer]]] = None
+                 ) -> None:
         self.state = state
-        collect = self._collect = Collect(state, max_event_bytes, max_batch_events)
+        collect = Collect(state, max_event_bytes, max_batch_events)
         self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
             b"/collect": collect,
             b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),
             b"/readyz": lambda request: _get_only(request, lambda: readiness(state)),
         }
+        self._routes.update(more or {})
 
     def __call__(self, request: IngestRequest) -> Answer:
         handler = self._routes.get(request.path)
         if handler is None:
             if request.method == b"OPTIONS" and b"origin" in request.headers:
                 # A page asks before it posts anywhere: let it read the 404.
-                answer = self._collect.preflight(request)
+                answer = preflight(self.state, request)
             else:
                 self.state.count_rejected("not_found")
                 answer = Answer(404, error_body("not_found", expected="POST /collect"))

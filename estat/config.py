@@ -197,6 +197,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("request-bodies-max-bytes", "REQUEST_BODIES_MAX_BYTES", parse_positive_size,
            "64MiB", "request bodies being received at once, inflated, over all "
            "connections; a request that would go over gets 503"),
+    Option("segment-max-event-size", "SEGMENT_MAX_EVENT_SIZE", parse_positive_size, "32KiB",
+           "largest Segment/RudderStack message, in a batch or as a single call "
+           "(/v1/track ...), in bytes (413 above)"),
+    Option("segment-max-batch-size", "SEGMENT_MAX_BATCH_SIZE", parse_positive_size, "500KB",
+           "largest /v1/batch body in bytes, after decompression (413 above)"),
+    Option("posthog-max-event-size", "POSTHOG_MAX_EVENT_SIZE", parse_positive_size, "1MiB",
+           "largest PostHog event in bytes (413 above)"),
+    Option("posthog-max-batch-size", "POSTHOG_MAX_BATCH_SIZE", parse_positive_size, "1MiB",
+           "largest PostHog request body (/batch/, /e/, ...) in bytes, after "
+           "decompression (413 above)"),
+    Option("sdk-dedup-ids", "SDK_DEDUP_IDS", parse_non_negative_int, "100000",
+           "most recent SDK event ids (messageId, uuid) a worker remembers so that a "
+           "retried batch is not stored twice; 0: remember none"),
+    Option("sdk-dedup-seconds", "SDK_DEDUP_SECONDS", parse_positive_seconds, "3600",
+           "seconds a worker remembers an accepted SDK event id"),
     Option("validate-json", "VALIDATE_JSON", parse_bool, "true",
            "reject bodies that are not one JSON object with 400"),
     Option("event-queue-size", "EVENT_QUEUE_SIZE", parse_positive_int,
@@ -307,6 +322,12 @@ class Settings:
     max_batch_body_size: int = _default("max-batch-body-size")
     max_batch_events: int = _default("max-batch-events")
     request_bodies_max_bytes: int = _default("request-bodies-max-bytes")
+    segment_max_event_size: int = _default("segment-max-event-size")
+    segment_max_batch_size: int = _default("segment-max-batch-size")
+    posthog_max_event_size: int = _default("posthog-max-event-size")
+    posthog_max_batch_size: int = _default("posthog-max-batch-size")
+    sdk_dedup_ids: int = _default("sdk-dedup-ids")
+    sdk_dedup_seconds: float = _default("sdk-dedup-seconds")
     validate_json: bool = _default("validate-json")
     event_queue_size: int = _default("event-queue-size")
     event_queue_max_bytes: int = _default("event-queue-max-bytes")

@@ -42,6 +42,9 @@ REJECT_REASONS = (
     "http2_not_supported",
     "request_bodies_full",
 )
+# The wire protocols the ingest listener speaks: /collect, Segment's (and
+# RudderStack's) tracking API, PostHog's capture API.
+PROTOCOLS = ("collect", "segment", "posthog")
 FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
 STORE_FAILURE_REASONS = (
     "timeout",
@@ -135,6 +138,20 @@ class Metrics:
             self.http_requests.labels(code=code)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason=reason)
+        self.protocol_events_accepted = ReactorCounter(
+            "estat_protocol_events_accepted", "Events answered as accepted and queued, by "
+            "wire protocol", ["protocol"], registry=r)
+        self.protocol_rejected = ReactorCounter(
+            "estat_protocol_rejected", "Requests refused, by wire protocol and reason",
+            ["protocol", "reason"], registry=r)
+        self.duplicate_events = ReactorCounter(
+            "estat_duplicate_events", "SDK events whose id was accepted lately: answered "
+            "as accepted and not stored again, by wire protocol", ["protocol"], registry=r)
+        for protocol in PROTOCOLS:
+            self.protocol_events_accepted.labels(protocol=protocol)
+            self.duplicate_events.labels(protocol=protocol)
+            for reason in REJECT_REASONS:
+                self.protocol_rejected.labels(protocol=protocol, reason=reason)
         self.batches_flushed = Counter(
             "estat_batches_flushed", "Batches flushed, by what triggered the flush",
             ["trigger"], registry=r)

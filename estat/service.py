@@ -54,6 +54,8 @@ from estat.model import Batch, EncodedObject
 from estat.pipeline.batcher import Batcher
 from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Encoder, Uploader
+from estat.sdk import body_limits as sdk_body_limits
+from estat.sdk import routes as sdk_routes
 from estat.signals import ignore_further_signals
 from estat.stores.base import Store
 from estat.stores.factory import make_store
@@ -162,10 +164,12 @@ def build(settings: Settings, reactor: IIngestReactor,
         request_timeout=settings.request_timeout, idle_timeout=settings.idle_timeout,
         first_request_timeout=settings.first_request_timeout,
         max_connections=settings.max_connections,
-        max_receiving_bytes=settings.request_bodies_max_bytes)
+        max_receiving_bytes=settings.request_bodies_max_bytes,
+        path_body_limits=sdk_body_limits(settings))
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=settings.max_body_size,
-                       max_batch_events=settings.max_batch_events),
+                       max_batch_events=settings.max_batch_events,
+                       more=sdk_routes(state, settings, reactor)),
         limits=limits, counters=state, lifecycle=lifecycle, reactor=reactor,
         answer_headers=state.cors_headers)
     admin_site = AdminSite({

@@ -32,10 +32,13 @@ from twisted.trial import unittest
 
 from estat.auth import WriteKeys
 from estat.collect import IngestState, Routes
+from estat.config import Settings
 from estat.http.channel import IngestListener
 from estat.http.limits import Limits
 from estat.metrics import Metrics
 from estat.pipeline.queue import EventQueue
+from estat.sdk import body_limits as sdk_body_limits
+from estat.sdk import routes as sdk_routes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -309,10 +312,11 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
                   max_batch_events: int = 1000, write_keys: Optional[WriteKeys] = None,
                   cors_origins: str = "", clock: Optional[Clock] = None,
                   queue: Optional[EventQueue] = None, metrics: Optional[Metrics] = None,
-                  **changed_limits: Any) -> Listening:
+                  sdk_settings: Settings = Settings(), **changed_limits: Any) -> Listening:
     """The ingest listener as the server wires it (its handler, state and
-    counters), with `TEST_LIMITS` changed by `changed_limits`, started as a port
-    starts it: its reaper runs on `clock`. Its lifecycle is running (ready);
+    counters, the SDK paths with `sdk_settings`' limits), with `TEST_LIMITS`
+    changed by `changed_limits`, started as a port starts it: its reaper and
+    the recent-id window run on `clock`. Its lifecycle is running (ready);
     `queue` and `metrics` are made unless given."""
     clock = clock if clock is not None else Clock()
     if metrics is None:
@@ -322,10 +326,12 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
     state = IngestState(queue, metrics, True, now_ms=now_ms, write_keys=write_keys,
                         cors_origins=cors_origins)
     state.lifecycle.start_running()
+    changed_limits.setdefault("path_body_limits", sdk_body_limits(sdk_settings))
     limits = replace(TEST_LIMITS, **changed_limits)
     listener = IngestListener(
         handler=Routes(state, max_event_bytes=limits.max_body_size,
-                       max_batch_events=max_batch_events),
+                       max_batch_events=max_batch_events,
+                       more=sdk_routes(state, sdk_settings, clock)),
         limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock,
         answer_headers=state.cors_headers)
     listener.doStart()

@@ -306,7 +306,7 @@ class IngestChannel(Protocol):
         limits = self.limits
         request = self._request = IngestRequest(
             self.parser.get_method(), b"".join(self._url), self._headers,
-            limits.max_body_size, limits.max_batch_body_size)
+            limits.max_body_size, limits.max_batch_body_size, limits.path_body_limits)
         try:
             request.check_declared_length()
         except TooLarge as too_large:

@@ -9,7 +9,8 @@ by every connection: the bytes of request bodies being received at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,8 @@ class Limits:
     first_request_timeout: float  # a new connection that has sent nothing is closed
     max_connections: int  # open at once: one more closes the longest-idle one, or gets 503
     max_receiving_bytes: int  # request bodies being received at once, all connections (503)
+    # the body limit of these paths, whatever the media type (413)
+    path_body_limits: Mapping[bytes, int] = field(default_factory=dict)
 
     @property
     def max_head_bytes(self) -> int:

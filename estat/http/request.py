@@ -15,7 +15,7 @@ never inflates past the limit.
 from __future__ import annotations
 
 import zlib
-from typing import IO, Optional, Protocol, cast
+from typing import IO, Mapping, Optional, Protocol, cast
 
 import zstandard
 
@@ -24,6 +24,7 @@ from estat.codec import GZIP_WBITS
 NDJSON = b"application/x-ndjson"
 _WHITESPACE = b" \t\r\n"
 _ZSTD_WRITE_BYTES = 64 * 1024  # the most zstd inflates between two limit checks
+_NO_PATH_LIMITS: Mapping[bytes, int] = {}
 
 
 class TooLarge(Exception):
@@ -156,7 +157,9 @@ def _inflater_for(encoding: bytes) -> Optional[_Inflater]:
 
 class IngestRequest:
     """See the module docstring. `headers` maps lowercased names to the
-    first value; `query` is the raw query string. After the body arrives:
+    first value; `query` is the raw query string. A path in `path_limits`
+    has that body limit whatever its media type (the SDK paths, whose
+    batches are JSON of their own shapes). After the body arrives:
     `body` holds it (inflated), `media_type` the lowercased type without
     parameters, `is_batch` whether it is NDJSON, `is_array` whether it is a
     JSON array, `body_problem` an error name when the body could not be
@@ -167,7 +170,8 @@ class IngestRequest:
                  "received", "_chunks", "_inflater", "_sniffing")
 
     def __init__(self, method: bytes, url: bytes, headers: dict[bytes, bytes],
-                 max_body_size: int, max_batch_body_size: int) -> None:
+                 max_body_size: int, max_batch_body_size: int,
+                 path_limits: Mapping[bytes, int] = _NO_PATH_LIMITS) -> None:
         self.method = method
         self.path, _, self.query = url.partition(b"?")
         self.headers = headers
@@ -185,9 +189,15 @@ class IngestRequest:
             self.media_type = b""
         self.is_batch = self.media_type == NDJSON
         self.is_array = False
-        # Until its first byte, any body but NDJSON may be an array.
-        self._sniffing = not self.is_batch
-        self.limit = max_batch_body_size if self.is_batch or self._sniffing else max_body_size
+        path_limit = path_limits.get(self.path) if path_limits else None
+        # Until its first byte, any body but NDJSON may be an array; a path
+        # with a limit of its own keeps that limit whatever the body holds.
+        self._sniffing = path_limit is None and not self.is_batch
+        if path_limit is not None:
+            self.limit = path_limit
+        else:
+            self.limit = (max_batch_body_size if self.is_batch or self._sniffing
+                          else max_body_size)
         encoding = headers.get(b"content-encoding")
         if encoding:
             try:

@@ -8,7 +8,10 @@ can make S3 unavailable or slow without touching the S3 process:
 - ``hang``: accept connections, read and discard what arrives, never answer.
 
 Changing the mode aborts every open connection, so pooled keep-alive
-connections cannot carry on in the old mode.
+connections cannot carry on in the old mode. In ``pass`` mode,
+`hold_answers(n)` makes the next `n` connections that get an answer keep it
+from the client (the server did the work; the client times out and
+retries), as when an answer is lost on the way.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class _Downstream(Protocol):
         self._timer: Optional[IDelayedCall] = None
         self._connector: Any = None
         self.closed = False
+        self.holding = False  # this connection's answers are kept from the client
 
     def connectionMade(self) -> None:
         self.proxy.connections.add(self)
@@ -115,7 +119,11 @@ class _Downstream(Protocol):
         self._unsent = []
 
     def from_upstream(self, data: bytes) -> None:
-        if not self.closed:
+        if not self.holding and self.proxy.answers_to_hold > 0:
+            self.proxy.answers_to_hold -= 1
+            self.proxy.held_answers += 1
+            self.holding = True
+        if not self.closed and not self.holding:
             self.transport.write(data)
 
     def upstream_lost(self) -> None:
@@ -159,6 +167,8 @@ class FaultProxy:
         self.delay = 0.0
         self.port = 0
         self.accepted = 0
+        self.answers_to_hold = 0
+        self.held_answers = 0
         self.connections: set[_Downstream] = set()
         self.upstreams: set[_Upstream] = set()
         self._listening: Optional[IListeningPort] = None
@@ -190,6 +200,11 @@ class FaultProxy:
         yield self._abort_all()
         if mode != "refuse":
             self._listen()
+
+    def hold_answers(self, count: int) -> None:
+        """Keep the answers of the next `count` answered connections from
+        their clients (see the module docstring)."""
+        self.answers_to_hold = count
 
     def set_delay(self, delay: float) -> None:
         """Change the pass-through delay of what clients send from now on,
