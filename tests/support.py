@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import http.server
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -449,3 +451,16 @@ def make_certificate(directory: str) -> tuple[str, str]:
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def serve_http(case: unittest.TestCase, handler: Any) -> str:
+    """Serve `handler` (a BaseHTTPRequestHandler factory) on a new loopback
+    origin from a thread, until `case` ends: a page a browser under test
+    loads while the test blocks on it. Returns the origin."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    case.addCleanup(thread.join, 5)
+    case.addCleanup(server.server_close)
+    case.addCleanup(server.shutdown)
+    return f"http://127.0.0.1:{server.server_address[1]}"

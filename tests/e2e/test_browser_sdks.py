@@ -15,7 +15,6 @@ import functools
 import http.server
 import os
 import shutil
-import threading
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -25,10 +24,10 @@ from tests.support import (
     EstatServer,
     Subprocess,
     Timeout,
-    free_port,
     make_workdir,
     poll_until,
     read_objects,
+    serve_http,
 )
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or ""
@@ -77,14 +76,7 @@ class BrowserSdkTests(unittest.TestCase):
         os.mkdir(self.www)
         for name, path in SCRIPTS.items():
             shutil.copy(os.path.join(NODE_MODULES, path), os.path.join(self.www, name))
-        handler = functools.partial(_Quiet, directory=self.www)
-        pages = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-        thread = threading.Thread(target=pages.serve_forever, daemon=True)
-        thread.start()
-        self.addCleanup(thread.join, 5)
-        self.addCleanup(pages.server_close)
-        self.addCleanup(pages.shutdown)
-        self.origin = f"http://127.0.0.1:{pages.server_address[1]}"
+        self.origin = serve_http(self, functools.partial(_Quiet, directory=self.www))
 
     @inlineCallbacks
     def check(self, page: str, protocol: str, id_field: str,  # type: ignore[no-untyped-def]

@@ -9,7 +9,6 @@ import http.server
 import json
 import os
 import tempfile
-import threading
 import time
 import urllib.request
 from typing import Any, Callable, Optional
@@ -18,7 +17,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from tests.interop.harness import require_binary, require_module
-from tests.support import Subprocess, free_port, poll_until
+from tests.support import Subprocess, poll_until, serve_http
 
 CHROMIUM = "/usr/bin/chromium"
 PAGE = b"<!doctype html><html><head><title>estat interop</title></head><body></body></html>"
@@ -40,13 +39,7 @@ def serve_page(case: unittest.TestCase) -> str:
     """An empty page on a new loopback origin, served from a thread (the
     browser loads it while the test blocks on the DevTools socket);
     returns the origin."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _PageHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    case.addCleanup(thread.join, 5)
-    case.addCleanup(server.server_close)
-    case.addCleanup(server.shutdown)
-    return f"http://127.0.0.1:{server.server_address[1]}"
+    return serve_http(case, _PageHandler)
 
 
 class DevTools:
