@@ -10,7 +10,9 @@ import time
 from typing import Any, Callable, Optional
 
 from prometheus_client import Counter
+from twisted.internet.defer import Deferred
 
+from estat.admission import Admission, MaybeAnswer, MemoryAdmission, unavailable
 from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, error_body
@@ -106,13 +108,13 @@ class Collect:
     like a single event, and a batch to `max_batch_events`."""
 
     def __init__(self, state: IngestState, max_event_bytes: int,
-                 max_batch_events: int) -> None:
+                 max_batch_events: int, admission: Optional[Admission] = None) -> None:
         self.state = state
         self.max_event_bytes = max_event_bytes
         self.max_batch_events = max_batch_events
-        self._accepted = state.metrics.events_accepted
+        self.admission = admission if admission is not None else MemoryAdmission(state)
 
-    def __call__(self, request: IngestRequest) -> Answer:
+    def __call__(self, request: IngestRequest) -> MaybeAnswer:
         state = self.state
         method = request.method
         if method != b"POST":
@@ -137,9 +139,13 @@ class Collect:
                     else "invalid_key"), (_UNAUTHORIZED,) + cors)
             segment = writer.segment
         answer = self._collect(request, segment)
-        return answer._replace(headers=answer.headers + cors) if cors else answer
+        if not cors:
+            return answer
+        if isinstance(answer, Deferred):
+            return answer.addCallback(lambda done: done._replace(headers=done.headers + cors))
+        return answer._replace(headers=answer.headers + cors)
 
-    def _collect(self, request: IngestRequest, segment: str) -> Answer:
+    def _collect(self, request: IngestRequest, segment: str) -> MaybeAnswer:
         state = self.state
         problem = request.body_problem
         media_type = request.media_type
@@ -160,12 +166,9 @@ class Collect:
             if problem is not None and state.validate_json:
                 state.count_rejected("invalid_json")
                 return Answer(400, error_body("invalid_json", detail=problem))
-        if not state.queue.offer([Event(state.now_ms(), body, segment)]):
-            return self._unavailable("queue_full")
-        self._accepted.inc()
-        return ACCEPTED
+        return self.admission.admit([Event(state.now_ms(), body, segment)], ACCEPTED)
 
-    def _collect_batch(self, request: IngestRequest, segment: str) -> Answer:
+    def _collect_batch(self, request: IngestRequest, segment: str) -> MaybeAnswer:
         state = self.state
         events = []
         for number, line in enumerate(request.body.split(b"\n"), 1):
@@ -189,10 +192,9 @@ class Collect:
         if len(events) > self.max_batch_events:
             state.count_rejected("too_large")
             return Answer(413, error_body("too_many_events", max_events=self.max_batch_events))
-        if not state.queue.offer(events_of(state.now_ms(), events, segment)):
-            return self._unavailable("queue_full")
-        self._accepted.inc(len(events))
-        return Answer(202, b'{"status":"accepted","events":%d}\n' % len(events))
+        return self.admission.admit(
+            events_of(state.now_ms(), events, segment),
+            Answer(202, b'{"status":"accepted","events":%d}\n' % len(events)))
 
     def _preflight(self, request: IngestRequest) -> Answer:
         """CORS preflight for browser SDKs: which origins may POST, with
@@ -213,9 +215,7 @@ class Collect:
             "optionally with Content-Encoding: gzip"))
 
     def _unavailable(self, reason: str) -> Answer:
-        self.state.count_rejected(reason)
-        return Answer(503, error_body(reason), (_RETRY_AFTER,),
-                      close=reason == "shutting_down")
+        return unavailable(self.state, reason)
 
 
 HEALTHY = Answer(200, b'{"status":"ok"}\n')
@@ -243,16 +243,16 @@ class Routes:
     `max_batch_events` are `Collect`'s."""
 
     def __init__(self, state: IngestState, max_event_bytes: int,
-                 max_batch_events: int) -> None:
+                 max_batch_events: int, admission: Optional[Admission] = None) -> None:
         self.state = state
-        collect = Collect(state, max_event_bytes, max_batch_events)
-        self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
+        collect = Collect(state, max_event_bytes, max_batch_events, admission)
+        self._routes: dict[bytes, Callable[[IngestRequest], MaybeAnswer]] = {
             b"/collect": collect,
             b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),
             b"/readyz": lambda request: _get_only(request, lambda: readiness(state)),
         }
 
-    def __call__(self, request: IngestRequest) -> Answer:
+    def __call__(self, request: IngestRequest) -> MaybeAnswer:
         handler = self._routes.get(request.path)
         if handler is None:
             self.state.count_rejected("not_found")

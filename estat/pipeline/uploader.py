@@ -42,6 +42,7 @@ class Uploader:
         metrics: Metrics,
         queue_size: int,
         concurrency: int,
+        on_done: Callable[[Batch], None] = lambda batch: None,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -54,6 +55,9 @@ class Uploader:
         self._puts: set[Deferred] = set()
         self._idle_waiters: list[Deferred] = []
         self._past_deadline = False
+        self._abandoned = False
+        self._on_done = on_done  # durable mode: the log may let the batch's records go
+        self._room_waiters: list[Deferred[None]] = []
         metrics.upload_queue_depth.set_function(lambda: len(self._queue))
         metrics.upload_queue_capacity.set(queue_size)
         metrics.uploads_in_flight.set_function(lambda: self._in_flight)
@@ -78,6 +82,14 @@ class Uploader:
         self._queue.append(batch)
         self._pump()
 
+    def when_room(self) -> "Deferred[None]":
+        """Fires once `has_room` (a replay submits no faster than this)."""
+        if self.has_room():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._room_waiters.append(waiter)
+        return waiter
+
     def when_idle(self) -> "Deferred[None]":
         """Fires once every queued and in-flight batch is stored or spooled."""
         if self.idle():
@@ -93,6 +105,14 @@ class Uploader:
         for put in list(self._puts):
             put.cancel()
 
+    def abandon(self) -> None:
+        """At the shutdown deadline in durable mode: cancel the store calls
+        under way and start no more, spooling nothing; those batches stay
+        in the write-ahead log and are replayed at the next start."""
+        self._abandoned = True
+        for put in list(self._puts):
+            put.cancel()
+
     def _pump(self) -> None:
         while self._in_flight < self.concurrency and self._queue:
             batch = self._queue.popleft()
@@ -103,6 +123,8 @@ class Uploader:
     def _finished(self, _: object) -> None:
         self._in_flight -= 1
         self._pump()
+        while self._room_waiters and self.has_room():
+            self._room_waiters.pop(0).callback(None)
         if self.idle():
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
@@ -110,14 +132,20 @@ class Uploader:
 
     @inlineCallbacks
     def _process(self, batch: Batch):  # type: ignore[no-untyped-def]
+        if self._abandoned:
+            return
         objects = yield self._encode(batch)
         for obj in objects:
             if obj.kind == "raw":
                 self._metrics.raw_events.inc(obj.event_count)
             yield self._store_or_spool(obj)
+        if not self._abandoned:
+            self._on_done(batch)
 
     @inlineCallbacks
     def _store_or_spool(self, obj: EncodedObject):  # type: ignore[no-untyped-def]
+        if self._abandoned:
+            return
         if self._past_deadline:
             yield self.spool.save(obj, RetryableStoreError(
                 "timeout", "ShutdownDeadline", "not uploaded before the shutdown deadline"))
@@ -142,6 +170,8 @@ class Uploader:
             return
         finally:
             self._puts.discard(put)
+        if self._abandoned:
+            return  # left in the write-ahead log
         self._metrics.store_failures.labels(store=self.store.name, reason=error.reason).inc()
         _log.error(
             "could not store {key} ({events} events) in the {store} store: "
