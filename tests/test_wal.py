@@ -328,3 +328,25 @@ class Admission(unittest.TestCase):
         self.writer.max_bytes = 10
         answer = self.admission.admit(_events(1, b"{}"), self.accepted)
         self.assertEqual(answer.body, b'{"error":"wal_full"}\n')
+
+
+class Cli(unittest.TestCase):
+    def test_list_and_verify(self):
+        import io
+
+        from estat.wal.cli import run
+        directory = make_workdir(self)
+        os.makedirs(os.path.join(directory, "w0"))
+        seg.write_segment(os.path.join(directory, "w0", seg.segment_name(1)),
+                          [seg.events_record(_events(1, b"a")), b"\x05\x00"])
+        out = io.StringIO()
+        self.assertEqual(run(["--wal-dir", directory, "list"], out, io.StringIO()), 0)
+        self.assertIn("1 records  1 events  0 cuts  torn tail at byte", out.getvalue())
+        bad = bytearray(seg.events_record(_events(1, b"b")))
+        bad[-1] ^= 1
+        seg.write_segment(os.path.join(directory, seg.segment_name(2)),
+                          [bytes(bad), seg.events_record(_events(1, b"c"))])
+        out = io.StringIO()
+        self.assertEqual(run(["--wal-dir", directory, "verify"], out, io.StringIO()), 1)
+        self.assertIn("CORRUPT at byte 12", out.getvalue())
+        self.assertIn("2 segments, 1 corrupt", out.getvalue())
