@@ -350,3 +350,68 @@ class Cli(unittest.TestCase):
         self.assertEqual(run(["--wal-dir", directory, "verify"], out, io.StringIO()), 1)
         self.assertIn("CORRUPT at byte 12", out.getvalue())
         self.assertIn("2 segments, 1 corrupt", out.getvalue())
+
+
+class DurablePipeline(unittest.TestCase):
+    """Admission, log, queue, batcher, uploader and ledger together: a
+    batch holds one segment's events, is named after them, and a segment
+    goes once its batches are stored (not when abandoned at a stop)."""
+
+    def setUp(self) -> None:
+        from estat.admission import DurableAdmission
+        from estat.collect import ACCEPTED, IngestState
+        from estat.pipeline.batcher import Batcher
+        from estat.pipeline.queue import EventQueue
+        from estat.pipeline.uploader import Uploader
+        from estat.wal.ledger import cut_then_encode
+        from tests.fakes import FakeStore, RecordingSpool, sync_encoder
+        self.accepted = ACCEPTED
+        self.clock = Clock()
+        self.thread = FakeThread()
+        metrics = Metrics(CollectorRegistry(), process=False)
+        queue = EventQueue(100)
+        state = IngestState(queue, metrics, validate_json=True)
+        state.lifecycle.start_running()
+        ids = iter(range(1000, 2000))
+        self.writer = WalWriter(make_workdir(self), 1_000_000, self.thread, self.clock,
+                                metrics, now_us=lambda: next(ids))
+        ledger = Ledger(self.writer)
+        self.store = FakeStore(manual=True)
+        self.uploader = Uploader(self.store, RecordingSpool(),
+                                 cut_then_encode(ledger, sync_encoder(True)), metrics, 10, 4,
+                                 on_done=ledger.finished)
+        self.batcher = Batcher(self.clock, queue, self.uploader, metrics, 100, 1_000_000,
+                               flush_interval=60.0, runs=ledger, span_id=wal_batch_id)
+        self.admission = DurableAdmission(state, self.writer, ledger)
+
+    def _admit(self, *bodies: bytes) -> None:
+        answer = self.admission.admit(_events(1, *bodies), self.accepted)
+        self.thread.run_all()
+        self.assertEqual(self.successResultOf(answer).code, 202)  # type: ignore[arg-type]
+
+    def test_batches_stop_at_a_segment_and_segments_go_once_stored(self):
+        self._admit(b'{"a":1}', b'{"a":2}')
+        self._admit(b'{"a":3}')
+        self.clock.advance(self.writer.segment_seconds)
+        self._admit(b'{"b":1}')
+        self.batcher.flush_all()
+        self.thread.run_all()  # the cut records
+        keys = [obj.key for obj, _ in self.store.pending]
+        self.assertEqual(len(keys), 2, keys)
+        self.assertIn(f"-{wal_batch_id(1000, 0)}.jsonl.gz", keys[0])
+        self.assertIn(f"-{wal_batch_id(1001, 0)}.jsonl.gz", keys[1])
+        self.assertEqual(list(self.writer.segments), [1000, 1001])
+        self.store.pending[0][1].callback(None)
+        self.thread.run_all()
+        self.assertEqual(list(self.writer.segments), [1001])  # 1001 is being written
+
+    def test_a_batch_abandoned_at_the_deadline_keeps_its_segment(self):
+        self._admit(b'{"a":1}')
+        self.clock.advance(self.writer.segment_seconds)
+        self._admit(b'{"b":1}')
+        self.batcher.flush_all()
+        self.thread.run_all()
+        self.uploader.abandon()
+        self.thread.run_all()
+        self.assertEqual(list(self.writer.segments), [1000, 1001])
+        self.successResultOf(self.uploader.when_idle())
