@@ -178,6 +178,36 @@ class CrashDurable(unittest.TestCase):
         return self._crash_and_restart(
             self._harness("s3", {"S3_TIMEOUT": "10"}), "kill mid-upload s3 hangs", hang=True)
 
+    @inlineCallbacks
+    def test_sigterm_past_the_deadline_leaves_the_rest_in_the_log(self):
+        """S3 hangs at a SIGTERM: at SHUTDOWN_TIMEOUT the uploads are given
+        up and stay in the log, not in the DLQ; the next start stores them."""
+        harness = self._harness("s3", {"SHUTDOWN_TIMEOUT": "2", "S3_TIMEOUT": "10"})
+        yield harness.start()
+        server = harness.server
+        load = harness.load("sigterm-durable", connections=16)
+        done = load.start()
+        yield poll_until(lambda: load.sent >= 500, 20, what="500 events sent")
+        yield harness.proxy.set_mode("hang")
+        yield poll_until(lambda: harness.metric("estat_uploads_in_flight") >= 1, 10,
+                         what="an upload hanging on S3")
+        code = yield server.stop(15)
+        yield load.stop()
+        yield done
+        self.assertIn(code, (0, -15), server.output()[-3000:])
+        self.assertIn("stay in the write-ahead log", server.output())
+        wal_dir = os.path.join(server.workdir, "estat-data", "wal")
+        self.assertTrue(wal_segments(wal_dir), "the unfinished batches' segments stay")
+        self.assertEqual(harness.dlq_entries(), 0, "nothing is spooled in durable mode")
+        yield harness.proxy.set_mode("pass")
+        yield server.start()
+        yield self._idle(harness)
+        code = yield server.stop(30)
+        report = yield harness.reconcile("SIGTERM past the deadline, durable")
+        log.msg("reconciliation table:\n" + report.table())
+        self.assertEqual(report.problems(), [], report.table())
+        self.assertEqual(wal_segments(wal_dir), [])
+
 
 class CrashDurableWithWorkers(CrashDurable):
     """The same with `--workers 2`: each worker its own WAL subfolder,
