@@ -52,9 +52,10 @@ class DeferredAnswers(unittest.TestCase):
 
     def test_reading_pauses_while_an_answer_waits(self):
         self.exchange.send(post_bytes(b"wait-1"))
-        self.assertEqual(self.exchange.transport.producerState, "paused")
+        self.assertEqual(self.exchange.transport.producerState, "producing")
         self.exchange.send(post_bytes(b"now-2"))  # held, not handled yet
         self.assertEqual(self.handled, [b"wait-1"])
+        self.assertEqual(self.exchange.transport.producerState, "paused")
         self.pending[0].callback(Answer(202, b"one"))
         self.assertEqual(self.exchange.transport.producerState, "producing")
         self.assertEqual(self.handled, [b"wait-1", b"now-2"])

@@ -169,6 +169,8 @@ class IngestChannel(Protocol):
         while data and not self._done:
             if self._paused or self._waiting:
                 self._held = data
+                if self._waiting and self._network is not None:
+                    self._network.pauseProducing()  # read no more until answered
                 return
             piece, data = data[:_FEED_BYTES], data[_FEED_BYTES:]
             self._parse(piece)
@@ -305,8 +307,9 @@ class IngestChannel(Protocol):
 
     def _answer_later(self, request: IngestRequest,
                       answer: "Answer | Deferred[Answer]", keep_alive: bool) -> bool:
-        """Queue the answer behind those waiting; stop reading until they
-        are all written, as for a client that does not read. True when the
+        """Queue the answer behind those waiting; input that arrives
+        meanwhile is held and reading stops (see `_feed`), as for a client
+        that does not read, until they are all written. True when the
         answer is known already and closes the connection."""
         slot: list = [None, False]
         self._waiting.append(slot)
@@ -326,8 +329,6 @@ class IngestChannel(Protocol):
             answer.addCallbacks(ready, failed)
         else:
             ready(answer)
-        if self._waiting and self._network is not None:
-            self._network.pauseProducing()
         return slot[0] is not None and slot[1]
 
     def _release_answers(self) -> None:

@@ -69,7 +69,9 @@ class Batcher:
         # named by where they begin, so that a replay names it alike.
         self._runs = runs
         self._span_id = span_id
-        self._span = (0, 0)  # (segment, first ordinal) of the open batch
+        # (segment, first ordinal) of the open batch; None for events the
+        # log does not know of (a bug: they would not be replayed)
+        self._span: Optional[tuple[int, int]] = None
         metrics.event_queue_depth.set_function(lambda: len(queue))
         metrics.event_queue_capacity.set(queue.capacity)
 
@@ -105,7 +107,7 @@ class Batcher:
             return "interval"
         if self._runs is not None:
             front = self._runs.front()
-            if front is not None and front[0] != self._span[0]:
+            if front is not None and (self._span is None or front[0] != self._span[0]):
                 return "segment"
         return None
 
@@ -133,16 +135,19 @@ class Batcher:
         front = self._runs.front() if self._runs is not None else None
         if front is not None:
             limit = min(limit, front[1])
+        opening = not self._events
         taken = queue.take(limit, self.batch_max_bytes - self._bytes)
         if front is not None and taken:
             span = self._runs.take(len(taken))  # type: ignore[union-attr]
-            if not self._events:
+            if opening:
                 self._span = span
+        elif opening:
+            self._span = None
         self._events.extend(taken)
         self._bytes += before - queue.bytes
 
     def _flush(self, trigger: str) -> None:
-        if self._runs is not None:
+        if self._runs is not None and self._span is not None:
             segment, first = self._span
             batch = Batch(self._events, self._bytes, self._span_id(segment, first), trigger,
                           (segment, first, len(self._events)))
