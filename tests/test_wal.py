@@ -415,3 +415,22 @@ class DurablePipeline(unittest.TestCase):
         self.thread.run_all()
         self.assertEqual(list(self.writer.segments), [1000, 1001])
         self.successResultOf(self.uploader.when_idle())
+
+    def test_a_batch_the_dlq_cannot_keep_keeps_its_segment(self):
+        from estat.stores.base import RetryableStoreError
+
+        class Dropping:
+            def save(self, obj: Any, error: Any) -> "Deferred[bool]":
+                return succeed(False)
+
+        self.store.manual = False
+        self.store.error = RetryableStoreError("timeout", "T", "down")
+        self.uploader.spool = Dropping()  # type: ignore[assignment]
+        self._admit(b'{"a":1}')
+        self.clock.advance(self.writer.segment_seconds)
+        self._admit(b'{"b":1}')
+        self.batcher.flush_all()
+        self.thread.run_all()
+        self.successResultOf(self.uploader.when_idle())
+        self.assertEqual(list(self.writer.segments), [1000, 1001])
+        self.flushLoggedErrors()

@@ -142,9 +142,11 @@ class DeadLetterQueue:
 
     # -- saving ----------------------------------------------------------
 
-    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
+    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[bool]":
         """Spool `obj`, or drop it (counted, logged) when over the budget or
-        when it cannot be written. The Deferred never fails."""
+        when it cannot be written. The Deferred never fails: it fires with
+        whether `obj` was kept (durable mode then keeps a dropped object's
+        events in the write-ahead log instead)."""
         try:
             created_ms = self._now_ms()
             meta = dlqdisk.encode_meta(
@@ -154,31 +156,33 @@ class DeadLetterQueue:
         except Exception:
             _log.failure("cannot describe {key} for the dead-letter directory", key=obj.key)
             self._drop(obj, "save_error", "it could not be described")
-            return succeed(None)
+            return succeed(False)
         if self._bytes + self._reserved + size > self.max_bytes:
             self._drop(obj, "over_budget",
                        f"DLQ_MAX_BYTES={self.max_bytes} would be exceeded "
                        f"({self._bytes + self._reserved} bytes spooled, {size} more); "
                        "restore the store or raise DLQ_MAX_BYTES")
-            return succeed(None)
+            return succeed(False)
         self._reserved += size
         d = self._run(dlqdisk.write_entry, self.directory, name, obj.data, meta)
 
-        def saved(_: object) -> None:
+        def saved(_: object) -> bool:
             self._reserved -= size
             self._add(name, size, created_ms)
             self._metrics.dlq_events_enqueued.inc(obj.event_count)
             _log.info("saved {key} ({events} events) to dead-letter entry {entry}",
                       key=obj.key, events=obj.event_count, entry=name)
+            return True
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> bool:
             self._reserved -= size
             self._drop(obj, "save_error",
                        f"it could not be written to {self.directory}: "
                        f"{failure.getErrorMessage()}; check free space and permissions")
+            return False
 
-        d.addCallbacks(saved, failed)
-        return d
+        kept: Deferred[bool] = d.addCallbacks(saved, failed)
+        return kept
 
     def _drop(self, obj: EncodedObject, reason: str, why: str) -> None:
         self._metrics.dlq_dropped_events.labels(reason=reason).inc(obj.event_count)

@@ -21,9 +21,10 @@ _log = Logger()
 
 class Spool(Protocol):
     """Where objects go when the store fails (the dead-letter queue).
-    `save` never fails: what it cannot keep it counts and logs."""
+    `save` never fails: what it cannot keep it counts and logs, and answers
+    False (a spool answering None counts as keeping it)."""
 
-    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
+    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[bool]":
         ...
 
 
@@ -135,21 +136,29 @@ class Uploader:
         if self._abandoned:
             return
         objects = yield self._encode(batch)
+        kept = True
         for obj in objects:
             if obj.kind == "raw":
                 self._metrics.raw_events.inc(obj.event_count)
-            yield self._store_or_spool(obj)
-        if not self._abandoned:
+            kept = (yield self._store_or_spool(obj)) and kept
+        if self._abandoned:
+            return
+        if kept:
             self._on_done(batch)
+        elif batch.wal_span is not None:
+            _log.warn("batch {batch} was neither stored nor dead-lettered: its events stay "
+                      "in the write-ahead log and are replayed at the next start",
+                      batch=batch.batch_id)
 
     @inlineCallbacks
     def _store_or_spool(self, obj: EncodedObject):  # type: ignore[no-untyped-def]
+        """Fires with whether `obj` is stored or dead-lettered."""
         if self._abandoned:
-            return
+            return False
         if self._past_deadline:
-            yield self.spool.save(obj, RetryableStoreError(
+            kept = yield self.spool.save(obj, RetryableStoreError(
                 "timeout", "ShutdownDeadline", "not uploaded before the shutdown deadline"))
-            return
+            return kept is not False
         put = self.store.put(obj)
         self._puts.add(put)
         try:
@@ -167,11 +176,11 @@ class Uploader:
             events.inc(obj.event_count)
             objects.inc()
             size.inc(len(obj.data))
-            return
+            return True
         finally:
             self._puts.discard(put)
         if self._abandoned:
-            return  # left in the write-ahead log
+            return False  # left in the write-ahead log
         self._metrics.store_failures.labels(store=self.store.name, reason=error.reason).inc()
         _log.error(
             "could not store {key} ({events} events) in the {store} store: "
@@ -179,4 +188,5 @@ class Uploader:
             key=obj.key, events=obj.event_count, store=self.store.name,
             code=error.code, message=error.message,
         )
-        yield self.spool.save(obj, error)
+        kept = yield self.spool.save(obj, error)
+        return kept is not False
