@@ -126,7 +126,19 @@ class GroupCommit(unittest.TestCase):
                                 now_us=lambda: 1000)
 
     def _append(self, body: bytes) -> "Deferred[Position]":
-        return self.writer.append(seg.events_record(_events(1, body)), 1)
+        """Append, and let the reactor turn end (the group starts then)."""
+        d = self.writer.append(seg.events_record(_events(1, body)), 1)
+        self.clock.advance(0)
+        return d
+
+    def test_records_of_one_reactor_turn_share_a_group(self):
+        for body in (b"1", b"2", b"3"):
+            self.writer.append(seg.events_record(_events(1, body)), 1)
+        self.assertEqual(self.thread.jobs, [])
+        self.clock.advance(0)
+        self.assertEqual(len(self.thread.jobs), 1)
+        self.thread.step()
+        self.assertEqual(self.registry.get_sample_value("estat_wal_group_records_sum"), 3)
 
     def test_one_fsync_covers_every_record_that_arrived_during_the_last(self):
         first = self._append(b"1")
@@ -170,6 +182,7 @@ class GroupCommit(unittest.TestCase):
         with self.assertRaises(WalFull):
             self._append(b"y" * 50)
         self.writer.append(seg.cut_record(1, 0, 1), 0, over_budget=True)
+        self.clock.advance(0)
 
     def test_rolls_over_by_age_and_deletes_only_sealed_segments(self):
         ledger = Ledger(self.writer)
@@ -292,7 +305,8 @@ class Admission(unittest.TestCase):
         metrics = Metrics(CollectorRegistry(), process=False)
         self.queue = EventQueue(3)
         self.state = IngestState(self.queue, metrics, validate_json=True)
-        self.writer = WalWriter(make_workdir(self), 10_000, self.thread, Clock(), metrics,
+        self.clock = Clock()
+        self.writer = WalWriter(make_workdir(self), 10_000, self.thread, self.clock, metrics,
                                 now_us=lambda: 5)
         self.ledger = Ledger(self.writer)
         self.admission = DurableAdmission(self.state, self.writer, self.ledger)
@@ -310,6 +324,7 @@ class Admission(unittest.TestCase):
         # room is reserved meanwhile: one more event fits, two do not
         refused = self.admission.admit(_events(1, b"1", b"2"), self.accepted)
         self.assertEqual(refused.code, 503)
+        self.clock.advance(0)
         self.thread.step()
         self.assertEqual(self.successResultOf(answer), self.accepted)
         self.assertEqual(len(self.queue), 2)
@@ -318,6 +333,7 @@ class Admission(unittest.TestCase):
     def test_a_failed_fsync_is_a_503_never_a_202(self):
         self.state.lifecycle.start_running()
         answer = self.admission.admit(_events(1, b"{}"), self.accepted)
+        self.clock.advance(0)
         function, args, d = self.thread.jobs.pop(0)
         d.errback(OSError(5, "Input/output error"))
         self.assertEqual(self.successResultOf(answer).body, b'{"error":"wal_unavailable"}\n')
@@ -386,8 +402,14 @@ class DurablePipeline(unittest.TestCase):
 
     def _admit(self, *bodies: bytes) -> None:
         answer = self.admission.admit(_events(1, *bodies), self.accepted)
-        self.thread.run_all()
+        self._settle()
         self.assertEqual(self.successResultOf(answer).code, 202)  # type: ignore[arg-type]
+
+    def _settle(self) -> None:
+        """Run the log's writes until none is left."""
+        while self.thread.jobs or self.writer._kick_call is not None:
+            self.clock.advance(0)
+            self.thread.run_all()
 
     def test_batches_stop_at_a_segment_and_segments_go_once_stored(self):
         self._admit(b'{"a":1}', b'{"a":2}')
@@ -395,14 +417,14 @@ class DurablePipeline(unittest.TestCase):
         self.clock.advance(self.writer.segment_seconds)
         self._admit(b'{"b":1}')
         self.batcher.flush_all()
-        self.thread.run_all()  # the cut records
+        self._settle()  # the cut records
         keys = [obj.key for obj, _ in self.store.pending]
         self.assertEqual(len(keys), 2, keys)
         self.assertIn(f"-{wal_batch_id(1000, 0)}.jsonl.gz", keys[0])
         self.assertIn(f"-{wal_batch_id(1001, 0)}.jsonl.gz", keys[1])
         self.assertEqual(list(self.writer.segments), [1000, 1001])
         self.store.pending[0][1].callback(None)
-        self.thread.run_all()
+        self._settle()
         self.assertEqual(list(self.writer.segments), [1001])  # 1001 is being written
 
     def test_a_batch_abandoned_at_the_deadline_keeps_its_segment(self):
@@ -410,9 +432,9 @@ class DurablePipeline(unittest.TestCase):
         self.clock.advance(self.writer.segment_seconds)
         self._admit(b'{"b":1}')
         self.batcher.flush_all()
-        self.thread.run_all()
+        self._settle()
         self.uploader.abandon()
-        self.thread.run_all()
+        self._settle()
         self.assertEqual(list(self.writer.segments), [1000, 1001])
         self.successResultOf(self.uploader.when_idle())
 
@@ -430,7 +452,7 @@ class DurablePipeline(unittest.TestCase):
         self.clock.advance(self.writer.segment_seconds)
         self._admit(b'{"b":1}')
         self.batcher.flush_all()
-        self.thread.run_all()
+        self._settle()
         self.successResultOf(self.uploader.when_idle())
         self.assertEqual(list(self.writer.segments), [1000, 1001])
         self.flushLoggedErrors()

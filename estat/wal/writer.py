@@ -2,9 +2,9 @@
 with group commit, on one dedicated thread, and deletes segments when told.
 
 `append` costs the reactor a list append: the bytes of every record that
-arrives while a write is under way are joined into the next group, which
-the writer thread writes and fsyncs at once (one fsync for the whole
-group). Each record's Deferred fires, in append order, with its position
+arrives in the same reactor turn, or while a write is under way, are
+joined into the next group, which the writer thread writes and fsyncs at
+once (one fsync for the whole group). Each record's Deferred fires, in append order, with its position
 once the fsync that covers it has returned; if the write or the fsync
 fails, every record of the group fails with `WalWriteError` and the
 segment is cut back to where the group began and closed, so that nothing
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -134,6 +134,7 @@ class WalWriter:
         self._idle_waiters: list[Deferred[None]] = []
         self._deleting: dict[int, Deferred[None]] = {}
         self._last_id = 0
+        self._kick_call: Optional[IDelayedCall] = None
         metrics.wal_bytes.set_function(lambda: self.bytes)
         metrics.wal_max_bytes.set(max_bytes)
         metrics.wal_segments.set_function(lambda: len(self.segments))
@@ -165,10 +166,17 @@ class WalWriter:
         waiter: Deferred[Position] = Deferred()
         self._queue.append(_Pending(data, events, waiter))
         self.bytes += len(data)
-        self._kick()
+        if not self._writing and self._kick_call is None:
+            # Start the group once the reactor has handled all the input of
+            # this turn: the requests read in one wake-up share one fsync.
+            self._kick_call = self._clock.callLater(0, self._kick)
         return waiter
 
     def _kick(self) -> None:
+        if self._kick_call is not None:
+            if self._kick_call.active():
+                self._kick_call.cancel()
+            self._kick_call = None
         if self._writing:
             return
         if not self._queue:
