@@ -40,12 +40,13 @@ from stores import Moto, count_files, count_local_events, list_local_objects  # 
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = ("baseline", "baseline-httptools", "single-local", "batch-local", "single-s3",
-             "batch-s3")
+             "batch-s3", "single-durable", "batch-durable")
 OPTIONAL_SCENARIOS = ("baseline-stock",)  # run only when named
 BASELINES = ("baseline", "baseline-httptools", "baseline-stock")
 BATCH_EVENTS = 100
 CLEAN_STOP_CODES = (-15, 143, 0)
 ACCEPTED = "estat_events_accepted_total"
+FSYNCS = "estat_wal_fsync_seconds_count"
 
 
 @dataclass
@@ -244,6 +245,8 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
     script = loadgen.write_script(logdir, kind, body, ctype)
     datadir = tempfile.mkdtemp(prefix=f"estat-bench-{kind}-{store}-w{workers}-")
     env = {"EVENT_QUEUE_SIZE": str(opts.event_queue_size), "SHUTDOWN_TIMEOUT": "60"}
+    if store == "durable":  # the local store, acknowledging after the WAL's fsync
+        env.update({"ACK_MODE": "durable", "WAL_DIR": os.path.join(datadir, "wal")})
     bucket = f"bench-{kind}-w{workers}-{int(time.time())}"
     if moto is not None:
         moto.create_bucket(bucket)
@@ -283,6 +286,13 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
             row.notes.append("processes of the server's group outlived twistd and were killed")
         fill_from_wrk(row, result, cpu_s)
         account(row, result, before, after, kind)
+        if store == "durable":
+            fsyncs = after.get(FSYNCS, 0) - before.get(FSYNCS, 0)
+            seconds = (after.get("estat_wal_fsync_seconds_sum", 0)
+                       - before.get("estat_wal_fsync_seconds_sum", 0))
+            row.notes.append(f"{fsyncs / result.duration_s:,.0f} fsyncs/s, "
+                             f"{result.count(202) / max(fsyncs, 1):.1f} requests per fsync, "
+                             f"{seconds / max(fsyncs, 1) * 1000:.1f} ms per write + fsync")
         if rate_result is not None:  # every event counts for accepted = stored
             cross_check(row.notes, rate_result, after, final, kind, "fixed rate: ")
             row.accepted = int(final.get(ACCEPTED, 0))
@@ -547,6 +557,7 @@ def run(opts: Options) -> list[Row]:
         for m in moto:
             m.stop()
     set_ratios(rows)
+    durable_vs_memory(rows)
     save(rundir, opts, rows)
     return rows
 
@@ -563,6 +574,19 @@ def set_ratios(rows: list[Row]) -> None:
             row.ratio = row.rps / base.rps  # type: ignore[operator]
         if row.cpu_us_per_req and base.cpu_us_per_req:
             row.cpu_ratio = base.cpu_us_per_req / row.cpu_us_per_req
+
+
+def durable_vs_memory(rows: list[Row]) -> None:
+    """A note on each durable row: its events/s against the memory-mode
+    row of the same kind (local store, same workers) in this run."""
+    for row in rows:
+        if row.store != "durable" or not row.events_per_s:
+            continue
+        memory = next((r for r in rows if r.scenario == row.scenario and r.store == "local"
+                       and r.workers == row.workers and r.events_per_s), None)
+        if memory is not None:
+            row.notes.append(f"{row.events_per_s / memory.events_per_s:.0%} of memory "
+                             "mode's events/s")
 
 
 def save(rundir: str, opts: Options, rows: list[Row]) -> None:

@@ -13,7 +13,9 @@ from urllib.parse import parse_qs
 
 import msgspec
 from prometheus_client import Counter
+from twisted.internet.defer import Deferred
 
+from estat.admission import RETRY_AFTER, Admission, MaybeAnswer, MemoryAdmission
 from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, Headers, error_body
@@ -23,7 +25,6 @@ from estat.model import Event, events_of
 from estat.pipeline.queue import EventQueue
 from estat.validate import body_error
 
-RETRY_AFTER_SECONDS = b"1"
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
 _MULTIPART = b"multipart/"
 ACCEPTED_BODY = b'{"status":"accepted"}\n'
@@ -54,6 +55,7 @@ class IngestState:
         self.cors_any = b"*" in origins
         self.cors_origins = frozenset(origins - {b"*"})
         self.now_ms = now_ms
+        self.admission: Admission = MemoryAdmission(self)
         self._codes: dict[int, Any] = {}
         self._rejected = {reason: metrics.events_rejected.labels(reason=reason)
                           for reason in REJECT_REASONS}
@@ -109,7 +111,7 @@ class IngestState:
             return ()
         return ((b"access-control-allow-origin", origin),) + _CORS_ALLOWED
 
-    def admit(self, bodies: list[bytes], segment: str) -> Answer:
+    def admit(self, bodies: list[bytes], segment: str) -> MaybeAnswer:
         """Offer one request's event bodies, received now for one writer,
         all or none: 202 (naming how many, for more than one body), or 503
         with Retry-After (see `admit_events`)."""
@@ -119,31 +121,14 @@ class IngestState:
             202, b'{"status":"accepted","events":%d}\n' % len(bodies)))
 
     def admit_events(self, events: list[Event], accepted: Answer = ACCEPTED,
-                     protocol: str = "collect") -> Answer:
+                     protocol: str = "collect") -> MaybeAnswer:
         """The one place every protocol's handler hands events to the
-        pipeline, all or none: `accepted` once queued, or 503 with
-        Retry-After when the server is stopping or the queue cannot take
-        them all."""
-        if self.lifecycle.stopping:
-            return unavailable(self, "shutting_down", protocol)
-        if not self.queue.offer(events):
-            return unavailable(self, "queue_full", protocol)
-        self.count_accepted(len(events), protocol)
-        return accepted
+        pipeline, all or none, through `admission` (ACK_MODE's):
+        `accepted` once taken (at once, or when a Deferred fires), or 503
+        with Retry-After."""
+        return self.admission.admit(events, accepted, protocol)
 
 
-def unavailable(state: IngestState, reason: str, protocol: str = "collect") -> Answer:
-    """503 with Retry-After (closing when the server is stopping)."""
-    state.count_rejected(reason, protocol=protocol)
-    return Answer(503, error_body(reason, detail=_UNAVAILABLE[reason]), (_RETRY_AFTER,),
-                  close=reason == "shutting_down")
-
-
-_UNAVAILABLE = {
-    "queue_full": "the event queue is full: retry after Retry-After seconds",
-    "shutting_down": "the server is stopping: retry after Retry-After seconds",
-}
-_RETRY_AFTER = (b"retry-after", RETRY_AFTER_SECONDS)
 _ALLOW = (b"allow", b"POST, OPTIONS")
 _UNAUTHORIZED = (b"www-authenticate", b'Bearer realm="estat-ingest"')
 _CORS_ALLOWED = ((b"access-control-allow-credentials", b"true"),
@@ -226,7 +211,7 @@ class Collect:
         self.max_event_bytes = max_event_bytes
         self.max_batch_events = max_batch_events
 
-    def __call__(self, request: IngestRequest) -> Answer:
+    def __call__(self, request: IngestRequest) -> MaybeAnswer:
         state = self.state
         method = request.method
         if method != b"POST":
@@ -257,7 +242,7 @@ class Collect:
             segment = writer.segment
         return self._collect(request, segment)
 
-    def _collect(self, request: IngestRequest, segment: str) -> Answer:
+    def _collect(self, request: IngestRequest, segment: str) -> MaybeAnswer:
         state = self.state
         problem = request.body_problem
         media_type = request.media_type
@@ -288,7 +273,7 @@ class Collect:
                                               expected=_ONE_EVENT))
         return state.admit([body], segment)
 
-    def _collect_lines(self, body: bytes, segment: str) -> Answer:
+    def _collect_lines(self, body: bytes, segment: str) -> MaybeAnswer:
         """An NDJSON batch: one event per line, blank lines ignored."""
         state = self.state
         events = []
@@ -308,7 +293,7 @@ class Collect:
             events.append(line)
         return self.admit_batch(events, segment)
 
-    def _collect_array(self, body: bytes, segment: str) -> Answer:
+    def _collect_array(self, body: bytes, segment: str) -> MaybeAnswer:
         """A JSON array of objects: one event per element, each the bytes
         of that element as they arrived (never re-serialized)."""
         state = self.state
@@ -336,7 +321,7 @@ class Collect:
             "too_large", **{where: number}, max_bytes=self.max_event_bytes,
             detail=f"each event is at most {self.max_event_bytes} bytes (MAX_BODY_SIZE)"))
 
-    def admit_batch(self, events: list[bytes], segment: str) -> Answer:
+    def admit_batch(self, events: list[bytes], segment: str) -> MaybeAnswer:
         """Admit one request's events as a batch: 400 when there are none,
         413 over `max_batch_events`, else `IngestState.admit` (all or none).
         Routes for other protocols call this with the bodies they cut."""
@@ -370,7 +355,7 @@ def readiness(state: IngestState) -> Answer:
     if state.ready():
         return _READY
     status = "queue_full" if state.lifecycle.running else state.lifecycle.phase.value
-    return Answer(503, error_body("not_ready", status=status), (_RETRY_AFTER,))
+    return Answer(503, error_body("not_ready", status=status), (RETRY_AFTER,))
 
 
 def _get_only(request: IngestRequest, answer: Callable[[], Answer]) -> Answer:
@@ -387,19 +372,20 @@ class Routes:
 
     def __init__(self, state: IngestState, max_event_bytes: int,
                  max_batch_events: int,
-                 more: Optional[Mapping[bytes, Callable[[IngestRequest], Answer]]] = None
+                 more: Optional[Mapping[bytes, Callable[[IngestRequest], MaybeAnswer]]] = None
                  ) -> None:
         self.state = state
         collect = Collect(state, max_event_bytes, max_batch_events)
-        self._routes: dict[bytes, Callable[[IngestRequest], Answer]] = {
+        self._routes: dict[bytes, Callable[[IngestRequest], MaybeAnswer]] = {
             b"/collect": collect,
             b"/healthz": lambda request: _get_only(request, lambda: HEALTHY),
             b"/readyz": lambda request: _get_only(request, lambda: readiness(state)),
         }
         self._routes.update(more or {})
 
-    def __call__(self, request: IngestRequest) -> Answer:
+    def __call__(self, request: IngestRequest) -> MaybeAnswer:
         handler = self._routes.get(request.path)
+        answer: MaybeAnswer
         if handler is None:
             if request.method == b"OPTIONS" and b"origin" in request.headers:
                 # A page asks before it posts anywhere: let it read the 404.
@@ -409,8 +395,11 @@ class Routes:
                 answer = Answer(404, error_body("not_found", expected="POST /collect"))
         else:
             answer = handler(request)
-        if b"origin" in request.headers:
-            cors = self.state.cors_headers(request.headers)
-            if cors:
-                return answer._replace(headers=answer.headers + cors)
-        return answer
+        if b"origin" not in request.headers:
+            return answer
+        cors = self.state.cors_headers(request.headers)
+        if not cors:
+            return answer
+        if isinstance(answer, Deferred):  # ACK_MODE=durable: answered after the fsync
+            return answer.addCallback(lambda done: done._replace(headers=done.headers + cors))
+        return answer._replace(headers=answer.headers + cors)

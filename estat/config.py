@@ -264,6 +264,16 @@ OPTIONS: tuple[Option, ...] = (
            "disk budget of the dead-letter directory"),
     Option("dlq-drain-interval", "DLQ_DRAIN_INTERVAL", parse_positive_seconds,
            "1", "seconds between re-upload attempts of one dead-letter entry"),
+    Option("ack-mode", "ACK_MODE", parse_choice("memory", "durable"), "memory",
+           "memory: a 202 means the event is queued in memory (fastest; a "
+           "crash loses what is queued); durable: a 202 means it is fsynced "
+           "to the write-ahead log in WAL_DIR, and survives kill -9 and power "
+           "loss"),
+    Option("wal-dir", "WAL_DIR", parse_path, "./estat-data/wal",
+           "write-ahead log directory (ACK_MODE=durable)"),
+    Option("wal-max-bytes", "WAL_MAX_BYTES", parse_positive_size, "1GiB",
+           "disk budget of the write-ahead log; over it requests get 503 "
+           "wal_full"),
     Option("auth-tokens-file", "AUTH_TOKENS_FILE", parse_text, "",
            "file of accepted write keys, one `key name [prefix-segment]` per "
            "line, reloaded on SIGHUP; empty: anyone may write"),
@@ -349,6 +359,9 @@ class Settings:
     dlq_dir: str = _default("dlq-dir")
     dlq_max_bytes: int = _default("dlq-max-bytes")
     dlq_drain_interval: float = _default("dlq-drain-interval")
+    ack_mode: str = _default("ack-mode")
+    wal_dir: str = _default("wal-dir")
+    wal_max_bytes: int = _default("wal-max-bytes")
     auth_tokens_file: str = _default("auth-tokens-file")
     cors_allowed_origins: str = _default("cors-allowed-origins")
     request_timeout: float = _default("request-timeout")

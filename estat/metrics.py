@@ -41,11 +41,14 @@ REJECT_REASONS = (
     "first_request_timeout",
     "http2_not_supported",
     "request_bodies_full",
+    "starting",
+    "wal_full",
+    "wal_unavailable",
 )
 # The wire protocols the ingest listener speaks: /collect, Segment's (and
 # RudderStack's) tracking API, PostHog's capture API.
 PROTOCOLS = ("collect", "segment", "posthog")
-FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown")
+FLUSH_TRIGGERS = ("size", "bytes", "interval", "shutdown", "segment", "replay")
 STORE_FAILURE_REASONS = (
     "timeout",
     "connection",
@@ -246,6 +249,39 @@ class Metrics:
             "estat_dlq_bytes", "Bytes in the dead-letter directory", registry=r)
         self.dlq_oldest_entry_age = Gauge(
             "estat_dlq_oldest_entry_age_seconds", "Age of the oldest dead-letter entry",
+            registry=r)
+
+        # Write-ahead log (ACK_MODE=durable)
+        self.wal_bytes = Gauge(
+            "estat_wal_bytes", "Bytes in the write-ahead log, with records not written yet",
+            registry=r)
+        self.wal_max_bytes = Gauge(
+            "estat_wal_max_bytes", "WAL_MAX_BYTES (0 in memory mode)", registry=r)
+        self.wal_segments = Gauge(
+            "estat_wal_segments", "Segment files in the write-ahead log", registry=r)
+        self.wal_segments_deleted = Counter(
+            "estat_wal_segments_deleted", "Segments deleted once all their events were stored",
+            registry=r)
+        self.wal_fsync_seconds = Histogram(
+            "estat_wal_fsync_seconds", "Time to write and fsync one group of records",
+            registry=r, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                 0.25, 0.5, 1, 5))
+        self.wal_group_records = Histogram(
+            "estat_wal_group_records", "Records (requests and batch cuts) per fsync",
+            registry=r, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.wal_write_failures = Counter(
+            "estat_wal_write_failures", "Groups whose write or fsync failed (their requests "
+            "got 503)", registry=r)
+        self.wal_kept_events = Counter(
+            "estat_wal_kept_events", "Events neither stored nor dead-lettered, kept in the "
+            "write-ahead log until the next start replays them", registry=r)
+        self.wal_replayed_events = Counter(
+            "estat_wal_replayed_events", "Events replayed from the write-ahead log at start",
+            registry=r)
+        self.wal_torn_records = Counter(
+            "estat_wal_torn_records", "Torn tail records cut off at start", registry=r)
+        self.wal_quarantined_segments = Counter(
+            "estat_wal_quarantined_segments", "Corrupt segments copied to quarantine/ at start",
             registry=r)
 
     def count_stored(self, store: str, path: str, events: int, size: int) -> None:

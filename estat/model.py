@@ -39,12 +39,15 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 @dataclass
 class Batch:
     """Events flushed together; one batch becomes one object (plus one raw
-    object when some bodies could not be embedded)."""
+    object when some bodies could not be embedded). In durable mode
+    `wal_span` is the (segment, first ordinal, count) of its events in the
+    write-ahead log."""
 
     events: list[Event]
     body_bytes: int
     batch_id: str
     trigger: str
+    wal_span: Optional[tuple[int, int, int]] = None
 
     @property
     def first_ts_ms(self) -> int:

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
+from functools import partial
 from socket import AddressFamily
 from typing import Any, Callable, Optional, Sequence, cast
 
@@ -40,6 +41,7 @@ from twisted.python.threadpool import ThreadPool
 
 import estat
 from estat.admin import AdminSite, HealthResource, MetricsPage, ReadyResource
+from estat.admission import Admission, DurableAdmission, MemoryAdmission
 from estat.auth import TokensFileError, WriteKeys
 from estat.codec import encode_batch_safely
 from estat.collect import IngestState, Routes
@@ -59,6 +61,9 @@ from estat.sdk import routes as sdk_routes
 from estat.signals import ignore_further_signals
 from estat.stores.base import Store
 from estat.stores.factory import make_store
+from estat.wal.ledger import Ledger, cut_then_encode, wal_batch_id
+from estat.wal.recovery import recover
+from estat.wal.writer import Run, WalWriter
 
 _log = Logger()
 
@@ -111,6 +116,24 @@ def make_encoder(settings: Settings, reactor: IReactorFromThreads, pool: ThreadP
 
 
 @dataclass
+class WalParts:
+    """The write-ahead log of ACK_MODE=durable: its writer, its ledger, and
+    the one thread that writes, fsyncs and deletes its files."""
+
+    writer: WalWriter
+    ledger: Ledger
+    pool: ThreadPool
+    run: Run
+
+
+def make_wal(settings: Settings, reactor: IIngestReactor, metrics: Metrics) -> WalParts:
+    pool = ThreadPool(minthreads=1, maxthreads=1, name="estat-wal")
+    run: Run = partial(deferToThreadPool, reactor, pool)
+    writer = WalWriter(settings.wal_dir, settings.wal_max_bytes, run, reactor, metrics)
+    return WalParts(writer, Ledger(writer), pool, run)
+
+
+@dataclass
 class IngestParts:
     """Everything the server is made of, wired together but not started."""
 
@@ -129,6 +152,8 @@ class IngestParts:
     batcher: Batcher
     listener: IngestListener
     admin_site: AdminSite
+    admission: Optional[Admission] = None
+    wal: Optional[WalParts] = None
 
 
 def build(settings: Settings, reactor: IIngestReactor,
@@ -153,11 +178,25 @@ def build(settings: Settings, reactor: IIngestReactor,
     if store is None:
         store = make_store(settings, reactor, pool, metrics)
     dlq = DeadLetterQueue(settings.dlq_dir, settings.dlq_max_bytes, reactor, pool, metrics,
-                          drain_interval=settings.dlq_drain_interval)
-    uploader = Uploader(store, dlq, make_encoder(settings, reactor, pool, metrics), metrics,
-                        settings.upload_queue_size, settings.upload_concurrency)
-    batcher = Batcher(reactor, queue, uploader, metrics, settings.batch_size,
-                      settings.batch_max_bytes, settings.flush_interval)
+                          drain_interval=settings.dlq_drain_interval,
+                          behind_wal=settings.ack_mode == "durable")
+    encoder = make_encoder(settings, reactor, pool, metrics)
+    wal = make_wal(settings, reactor, metrics) if settings.ack_mode == "durable" else None
+    if wal is not None:
+        uploader = Uploader(store, dlq, cut_then_encode(wal.ledger, encoder), metrics,
+                            settings.upload_queue_size, settings.upload_concurrency,
+                            on_done=wal.ledger.finished)
+        batcher = Batcher(reactor, queue, uploader, metrics, settings.batch_size,
+                          settings.batch_max_bytes, settings.flush_interval,
+                          runs=wal.ledger, span_id=wal_batch_id)
+        admission: Admission = DurableAdmission(state, wal.writer, wal.ledger)
+    else:
+        uploader = Uploader(store, dlq, encoder, metrics,
+                            settings.upload_queue_size, settings.upload_concurrency)
+        batcher = Batcher(reactor, queue, uploader, metrics, settings.batch_size,
+                          settings.batch_max_bytes, settings.flush_interval)
+        admission = MemoryAdmission(state)
+    state.admission = admission
     limits = Limits(
         max_headers=settings.max_headers, max_header_bytes=settings.max_header_bytes,
         max_body_size=settings.max_body_size, max_batch_body_size=settings.max_batch_body_size,
@@ -178,7 +217,8 @@ def build(settings: Settings, reactor: IIngestReactor,
         b"readyz": ReadyResource(state),
     }, reactor=reactor)
     return IngestParts(settings, reactor, registry, metrics, pool, queue, lifecycle,
-                       write_keys, state, store, dlq, uploader, batcher, listener, admin_site)
+                       write_keys, state, store, dlq, uploader, batcher, listener, admin_site,
+                       admission, wal)
 
 
 class ThreadPoolService(Service):
@@ -353,6 +393,15 @@ class IngestService(MultiService):
 
     async def _start(self) -> None:
         await self.parts.dlq.open()
+        wal = self.parts.wal
+        if wal is not None:
+            # Durable mode: /collect answers 503 starting until the log is
+            # replayed (the lifecycle runs only once this is done).
+            wal.pool.start()
+            settings = self.settings
+            await recover(settings.wal_dir, wal.writer, wal.ledger, self.parts.uploader,
+                          wal.run, self.parts.metrics, settings.batch_size,
+                          settings.batch_max_bytes)
         self.batcher_service.startService()
         self.drain_service.startService()
         listeners = [self.admin_listener, *self.ingest_listeners]
@@ -456,27 +505,42 @@ class IngestService(MultiService):
                   "({in_flight} in flight)", events=queued + open_events,
                   batches=parts.uploader.unfinished(), in_flight=parts.uploader.in_flight())
         await self.drain_service.stopService()
-        await self._uploads_finished(deadline=started_at + timeout)
+        abandoned = await self._uploads_finished(deadline=started_at + timeout)
+        if parts.wal is not None:
+            await parts.wal.writer.close()
+            parts.wal.pool.stop()
         await parts.store.close()
         await self.admin_listener.stopService()
         self.pool_service.stopService()
         self.lifecycle.stopped()
-        _log.info("stopped in {seconds:.1f}s: every accepted event is stored or "
-                  "dead-lettered", seconds=self.reactor.seconds() - begun)
+        _log.info("stopped in {seconds:.1f}s: every accepted event is {where}",
+                  seconds=self.reactor.seconds() - begun,
+                  where="stored, dead-lettered or in the write-ahead log, replayed at "
+                  "the next start" if abandoned else "stored or dead-lettered")
 
-    async def _uploads_finished(self, deadline: float) -> None:
+    async def _uploads_finished(self, deadline: float) -> bool:
         """Wait for every upload; at `deadline`, cancel those under way and
-        send what is left to the dead-letter directory, then wait for that."""
+        send what is left to the dead-letter directory, then wait for that.
+        In durable mode what is left stays in the write-ahead log instead
+        (answers True then)."""
         uploader = self.parts.uploader
         idle = uploader.when_idle()
         idle.addTimeout(max(0.0, deadline - self.reactor.seconds()), self.reactor)
         try:
             await idle
-            return
+            return False
         except TimeoutError:
             pass
+        if self.parts.wal is not None:
+            _log.warn("shutdown deadline of {seconds}s reached: cancelling uploads; their "
+                      "batches stay in the write-ahead log and are replayed at the next "
+                      "start", seconds=self.settings.shutdown_timeout)
+            uploader.abandon()
+            await uploader.when_idle()
+            return True
         _log.warn("shutdown deadline of {seconds}s reached: cancelling uploads, "
                   "their batches go to the dead-letter directory",
                   seconds=self.settings.shutdown_timeout)
         uploader.cancel_in_flight()
         await uploader.when_idle()
+        return False

@@ -48,7 +48,13 @@ GAUGE_SERIES = {
     "estat_dlq_entries": ("0", "1+1"),
     "estat_dlq_oldest_entry_age_seconds": ("0", "1000"),
     "estat_dlq_bytes": ("0", str(1 << 30)),
+    "estat_wal_max_bytes": ("1000", "1000"),
+    "estat_wal_bytes": ("0", "900"),
 }
+# Histograms: from the step on, one observation a minute in the bucket
+# whose bound is given here, so the buckets from it up rise and the ones
+# below stay at 0.
+HISTOGRAM_SERIES = {"estat_wal_fsync_seconds_bucket": "0.1"}
 # Label values for a series the server does not export at start.
 EXAMPLE_LABELS = {"store": "s3", "reason": "timeout", "loop": "uploader"}
 
@@ -102,6 +108,9 @@ class RuleCase:
             if any(labels.get("__name__") == name and matches(labels, matchers)
                    for _, labels in self.series.values()):
                 continue
+            if name in HISTOGRAM_SERIES:
+                self.add_histogram(name, exported, float(HISTOGRAM_SERIES[name]))
+                continue
             values = self.values_of(name, sustained)
             if values is None:
                 self.problem = (f"{rule['alert']}: no test case for {name} (not a counter "
@@ -116,6 +125,15 @@ class RuleCase:
             shown = {key: value for key, value in labels.items() if key != "__name__"}
             self.series[series_text(name, shown)] = (
                 f"{before}x{STEP_MINUTE - 1} {after}x60", labels)
+
+    def add_histogram(self, name: str, exported: dict[str, list[dict[str, str]]],
+                      bound: float) -> None:
+        for labels in exported.get(name, []):
+            rising = float(labels["le"]) >= bound  # float("+Inf") is inf
+            series = {"__name__": name, **labels, **SCRAPE}
+            shown = {key: value for key, value in series.items() if key != "__name__"}
+            self.series[series_text(name, shown)] = (
+                f"0x{STEP_MINUTE - 1} {'1+1' if rising else '0'}x60", series)
 
     @staticmethod
     def values_of(name: str, sustained: bool) -> Optional[tuple[str, str]]:
@@ -150,6 +168,8 @@ class RuleCase:
         by = self.by_labels()
         if by is not None:
             kept = {key: value for key, value in kept.items() if key in by}
+        if "histogram_quantile" in self.rule["expr"]:
+            kept.pop("le", None)  # the quantile is taken across the buckets
         return {**kept, **self.rule.get("labels", {}), "alertname": self.rule["alert"]}
 
     def as_test(self) -> dict[str, Any]:

@@ -126,7 +126,7 @@ class Spooling(unittest.TestCase):
         obj = make_object(1, events=5)
         self.h.clock.advance(1_700_000_100)
         d = self.h.dlq.save(obj, RETRYABLE)
-        self.assertIsNone(self.successResultOf(d))
+        self.assertIs(self.successResultOf(d), True)  # kept
         [name] = self.h.entries()
         with open(os.path.join(self.dir, name, "data.gz"), "rb") as handle:
             self.assertEqual(handle.read(), obj.data)
@@ -169,7 +169,7 @@ class Spooling(unittest.TestCase):
         h.pool.holding = True  # both saves under way at once: the first holds its bytes
         first_d = h.dlq.save(first, RETRYABLE)
         second_d = h.dlq.save(make_object(2, events=7), RETRYABLE)
-        self.assertIsNone(self.successResultOf(second_d))
+        self.assertIs(self.successResultOf(second_d), False)  # dropped
         h.pool.run_held()
         self.successResultOf(first_d)
         self.assertEqual(len(h.entries()), 1)
@@ -192,7 +192,7 @@ class Spooling(unittest.TestCase):
 
         self.patch(fsutil, "write_file", disk_full)
         d = self.h.dlq.save(make_object(1, events=6), RETRYABLE)
-        self.assertIsNone(self.successResultOf(d))
+        self.assertIs(self.successResultOf(d), False)  # dropped
         self.assertEqual(len(calls), 1)
         self.assertEqual(os.listdir(self.dir), [], "the partial entry was not cleaned up")
         self.assertEqual(self.h.value("estat_dlq_dropped_events_total", reason="save_error"), 6)

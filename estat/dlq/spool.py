@@ -48,8 +48,11 @@ class DeadLetterQueue:
 
     def __init__(self, directory: str, max_bytes: int, reactor: IReactorTime,
                  pool: ThreadPool, metrics: Metrics, drain_interval: float = 1.0,
-                 backoff_cap: float = BACKOFF_CAP) -> None:
+                 backoff_cap: float = BACKOFF_CAP, behind_wal: bool = False) -> None:
         self.directory = os.path.abspath(directory)
+        # ACK_MODE=durable: what cannot be spooled is not lost, it stays in
+        # the write-ahead log (the uploader counts it there).
+        self.behind_wal = behind_wal
         self.max_bytes = max_bytes
         self.drain_interval = drain_interval
         self.backoff_cap = backoff_cap
@@ -153,9 +156,11 @@ class DeadLetterQueue:
 
     # -- saving ----------------------------------------------------------
 
-    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
+    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[bool]":
         """Spool `obj`, or drop it (counted, logged) when over the budget or
-        when it cannot be written. The Deferred never fails."""
+        when it cannot be written. The Deferred never fails: it fires with
+        whether `obj` was kept (durable mode then keeps a dropped object's
+        events in the write-ahead log instead)."""
         try:
             created_ms = self._now_ms()
             meta = dlqdisk.encode_meta(
@@ -165,41 +170,44 @@ class DeadLetterQueue:
         except Exception:
             _log.failure("cannot describe {key} for the dead-letter directory", key=obj.key)
             self._drop(obj, "save_error", "it could not be described")
-            return succeed(None)
+            return succeed(False)
         if self._bytes + self._reserved + size > self.max_bytes:
             self._drop(obj, "over_budget",
                        f"DLQ_MAX_BYTES={self.max_bytes} would be exceeded "
                        f"({self._bytes + self._reserved} bytes spooled, {size} more); "
                        "restore the store or raise DLQ_MAX_BYTES")
-            return succeed(None)
+            return succeed(False)
         self._reserved += size
         d = self._run(dlqdisk.write_entry, self.directory, name, obj.data, meta)
 
-        def saved(_: object) -> None:
+        def saved(_: object) -> bool:
             self._reserved -= size
             self._add(name, size, created_ms)
             self._metrics.dlq_events_enqueued.inc(obj.event_count)
             _log.info("saved {key} ({events} events) to dead-letter entry {entry}",
                       key=obj.key, events=obj.event_count, entry=name)
+            return True
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> bool:
             self._reserved -= size
             self._drop(obj, "save_error",
                        f"it could not be written to {self.directory}: "
                        f"{failure.getErrorMessage()}; check free space and permissions")
+            return False
 
-        d.addCallbacks(saved, failed)
-        return d
+        kept: Deferred[bool] = d.addCallbacks(saved, failed)
+        return kept
 
-    def salvage(self, failed: EncodeFailed) -> "Deferred[None]":
+    def salvage(self, failed: EncodeFailed) -> "Deferred[bool]":
         """Spool the bodies of a batch that could not be encoded (its
         salvage object), or count and log them as lost when even that
-        could not be built. The Deferred never fails."""
+        could not be built. The Deferred never fails: it fires with whether
+        they were kept, as `save`'s does."""
         if failed.salvage is None:
             self._lost(len(failed.batch.events), f"batch {failed.batch.batch_id}",
                        "encode_error", "it could not be encoded, not even as base64 lines "
                        f"({type(failed.cause).__name__}: {failed.cause})")
-            return succeed(None)
+            return succeed(False)
         _log.error("could not encode batch {batch_id} ({events} events): {error}; saving its "
                    "bodies as base64 lines in {key} to the dead-letter directory",
                    batch_id=failed.batch.batch_id, events=failed.salvage.event_count,
@@ -211,6 +219,11 @@ class DeadLetterQueue:
         self._lost(obj.event_count, obj.key, reason, why)
 
     def _lost(self, events: int, what: str, reason: str, why: str) -> None:
+        if self.behind_wal:
+            _log.error("could not dead-letter {events} events of {key} because {why}; "
+                       "they stay in the write-ahead log until the next start",
+                       events=events, key=what, why=why, reason=reason)
+            return
         self._metrics.dlq_dropped_events.labels(reason=reason).inc(events)
         _log.error("LOST {events} events of {key}: not dead-lettered because {why}",
                    events=events, key=what, why=why, reason=reason)

@@ -23,7 +23,8 @@ for the busy ones.
 from __future__ import annotations
 
 import typing
-from typing import Callable, Optional, cast
+from collections import deque
+from typing import Callable, Optional, Union, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -81,7 +82,9 @@ class ListenerCounters(typing.Protocol):
         """Where the reaper's unexpected errors are counted (by `loop`)."""
 
 
-Handler = Callable[[IngestRequest], Answer]
+# A handler answers at once, or with a Deferred (durable mode: the answer
+# waits for an fsync); the channel writes answers in request order either way.
+Handler = Callable[[IngestRequest], Union[Answer, "Deferred[Answer]"]]
 # The headers every answer to a request with these headers carries (CORS),
 # the channel's own refusals included.
 AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
@@ -119,6 +122,10 @@ class IngestChannel(Protocol):
         self._paused = False  # the client is not reading its answers
         self._held: Optional[memoryview] = None  # input not parsed while paused
         self._out: list[bytes] = []  # answers not written yet
+        # Answers that wait for a Deferred, and those behind them, in
+        # request order: [response bytes or None while waiting, close].
+        self._waiting: deque[list] = deque()
+        self._parsing = False  # inside feed_data: its end writes the answers
         self._messages = 0  # requests begun on this connection
         self._done = False  # answered for the last time: ignore what still arrives
         self._closing = False  # loseConnection was called
@@ -152,12 +159,14 @@ class IngestChannel(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._done = True
         self._give_back()
+        self._waiting.clear()  # answers still to come are dropped
         self.started = None
         self.factory.channel_closed(self)
 
     def idle(self) -> bool:
-        """No request is arriving on this connection."""
-        return not self._in_message
+        """No request is arriving on this connection, nor waiting for its
+        answer."""
+        return not self._in_message and not self._waiting
 
     @property
     def closing(self) -> bool:
@@ -166,8 +175,10 @@ class IngestChannel(Protocol):
 
     def evictable(self) -> bool:
         """Idle and open, with nothing held to parse: closing it loses no
-        request (it has none under way, or has never sent one)."""
-        return not self._in_message and not self._done and self._held is None
+        request (it has none under way or waiting for its answer, or has
+        never sent one)."""
+        return (not self._in_message and not self._done and self._held is None
+                and not self._waiting)
 
     # Reading
 
@@ -180,7 +191,7 @@ class IngestChannel(Protocol):
             self.started = now
         if self._held is not None:  # input arriving while paused (TLS buffers)
             self._held = memoryview(bytes(self._held) + data)
-        elif len(data) <= _FEED_BYTES and not self._paused:
+        elif len(data) <= _FEED_BYTES and not self._paused and not self._waiting:
             self._parse(data)
         else:
             self._feed(memoryview(data))
@@ -190,8 +201,10 @@ class IngestChannel(Protocol):
         while the client is not reading them: one read of tiny pipelined
         requests would otherwise turn into ~8 times its size in answers."""
         while data and not self._done:
-            if self._paused:
+            if self._paused or self._waiting:
                 self._held = data
+                if self._waiting and self._network is not None:
+                    self._network.pauseProducing()  # read no more until answered
                 return
             piece, data = data[:_FEED_BYTES], data[_FEED_BYTES:]
             self._parse(piece)
@@ -199,6 +212,7 @@ class IngestChannel(Protocol):
     def _parse(self, data: bytes | memoryview) -> None:
         head_before = self._in_message and self._request is None
         message = self._messages
+        self._parsing = True
         try:
             self.parser.feed_data(data)
         except HttpParserCallbackError as error:
@@ -216,6 +230,8 @@ class IngestChannel(Protocol):
             else:
                 self._finish(raw_error(400, "bad_request", detail=_BAD_REQUEST), 400,
                              "bad_request")
+        finally:
+            self._parsing = False
         if not self._in_message:
             self.started = None
         elif (head_before and message == self._messages and self._request is None
@@ -264,7 +280,8 @@ class IngestChannel(Protocol):
             transport = self.transport
             assert transport is not None
             transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if self._done and not self._closing and self.transport is not None:
+        if (self._done and not self._closing and not self._waiting
+                and self.transport is not None):
             self._closing = True
             self._closing_at = self.factory.reactor.seconds()
             if self._network is not None:
@@ -377,8 +394,22 @@ class IngestChannel(Protocol):
             answer = Answer(500, error_body("internal_error"))
         if self._share:
             self._give_back()  # what was accepted is counted by the queue now
-        close = (answer.close or self.lifecycle.stopping
-                 or not self.parser.should_keep_alive())
+        keep_alive = self.parser.should_keep_alive()
+        if isinstance(answer, Deferred) or self._waiting:
+            if self._answer_later(request, answer, keep_alive):
+                self._done = True  # closes once the answers before it are written
+                raise _Stop()
+            return
+        written, close = self._response(request, answer, keep_alive)
+        self._out.append(written)
+        if close:
+            self._done = True
+            raise _Stop()
+
+    def _response(self, request: IngestRequest, answer: Answer,
+                  keep_alive: bool) -> tuple[bytes, bool]:
+        """The bytes of `answer`, and whether the connection closes after."""
+        close = answer.close or self.lifecycle.stopping or not keep_alive
         headers = answer.headers
         if not close and b"connection" in request.headers:
             # An HTTP/1.0 client keeps the connection only if told it stays.
@@ -386,11 +417,50 @@ class IngestChannel(Protocol):
         self.counters.count_response(answer.code)
         if answer.code >= 400:
             self._log_refusal(answer.code, reason_of(answer.body))
-        self._out.append(response(answer.code, answer.body, headers, close,
-                                  head_only=request.method == b"HEAD"))
-        if close:
-            self._done = True
-            raise _Stop()
+        return response(answer.code, answer.body, headers, close,
+                        head_only=request.method == b"HEAD"), close
+
+    def _answer_later(self, request: IngestRequest,
+                      answer: "Answer | Deferred[Answer]", keep_alive: bool) -> bool:
+        """Queue the answer behind those waiting; input that arrives
+        meanwhile is held and reading stops (see `_feed`), as for a client
+        that does not read, until they are all written. True when the
+        answer is known already and closes the connection."""
+        slot: list = [None, False]
+        self._waiting.append(slot)
+
+        def ready(done: Answer) -> None:
+            if not self._waiting or slot not in self._waiting:
+                return  # the connection is gone
+            slot[0], slot[1] = self._response(request, done, keep_alive)
+            self._release_answers()
+
+        def failed(failure: Failure) -> None:
+            _log.failure("unexpected error handling {method} {path}", failure,
+                         method=request.method, path=request.path)
+            ready(Answer(500, error_body("internal_error")))
+
+        if isinstance(answer, Deferred):
+            answer.addCallbacks(ready, failed)
+        else:
+            ready(answer)
+        return slot[0] is not None and slot[1]
+
+    def _release_answers(self) -> None:
+        """Move the answers ready at the head of the line to the output;
+        once none waits, write them and read again."""
+        waiting = self._waiting
+        while waiting and waiting[0][0] is not None:
+            written, close = waiting.popleft()
+            self._out.append(written)
+            if close:
+                self._done = True
+                waiting.clear()
+        if waiting or self._parsing:
+            return  # the parse under way flushes
+        self._flush()
+        if not self._done and not self._paused:
+            self.resumeProducing()
 
     # Refusals: answer, close, and stop reading
 
@@ -418,7 +488,10 @@ class IngestChannel(Protocol):
         self.counters.count_response(code)
         self.counters.count_rejected(reason)
         self._log_refusal(code, reason)
-        self._out.append(answer)
+        if self._waiting:  # after the answers still to come, in request order
+            self._waiting.append([answer, True])
+        else:
+            self._out.append(answer)
 
     def _log_refusal(self, code: int, reason: str) -> None:
         """Behind a `haproxy:` listener the transport's peer is the
@@ -473,7 +546,8 @@ class IngestChannel(Protocol):
         held, self._held = self._held, None
         if held is not None:
             self._feed(held)
-        if self._network is not None and not self._done and not self._paused:
+        if (self._network is not None and not self._done and not self._paused
+                and not self._waiting):
             self._network.resumeProducing()
 
     def stopProducing(self) -> None:

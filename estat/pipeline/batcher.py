@@ -8,7 +8,7 @@ without bound.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -19,6 +19,19 @@ from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Uploader
 
 TICK_SECONDS = 0.05
+
+
+class Runs(Protocol):
+    """Where the queued events are in the write-ahead log (durable mode):
+    see estat.wal.ledger.Ledger."""
+
+    def front(self) -> Optional[tuple[int, int]]: ...
+
+    def take(self, count: int) -> tuple[int, int]: ...
+
+
+def _no_span_id(segment: int, first: int) -> str:
+    raise AssertionError("a batch id from a log position without a log")
 
 
 class Batcher:
@@ -37,6 +50,8 @@ class Batcher:
         flush_interval: float,
         new_id: Callable[[], str] = new_batch_id,
         tick_seconds: float = TICK_SECONDS,
+        runs: Optional[Runs] = None,
+        span_id: Callable[[int, int], str] = _no_span_id,
     ) -> None:
         self.clock = clock
         self.queue = queue
@@ -50,6 +65,13 @@ class Batcher:
         self._events: list[Event] = []
         self._bytes = 0
         self._opened_at = 0.0
+        # Durable mode: a batch holds events of one log segment, and is
+        # named by where they begin, so that a replay names it alike.
+        self._runs = runs
+        self._span_id = span_id
+        # (segment, first ordinal) of the open batch; None for events the
+        # log does not know of (a bug: they would not be replayed)
+        self._span: Optional[tuple[int, int]] = None
         metrics.event_queue_depth.set_function(lambda: len(queue))
         metrics.event_queue_capacity.set(queue.capacity)
 
@@ -83,6 +105,10 @@ class Batcher:
             return "bytes"
         if not force and self.clock.seconds() - self._opened_at >= self.flush_interval:
             return "interval"
+        if self._runs is not None:
+            front = self._runs.front()
+            if front is not None and (self._span is None or front[0] != self._span[0]):
+                return "segment"
         return None
 
     def _drain(self, force: bool) -> None:
@@ -105,12 +131,28 @@ class Batcher:
         batch's count or byte limit."""
         queue = self.queue
         before = queue.bytes
-        self._events.extend(queue.take(self.batch_size - len(self._events),
-                                       self.batch_max_bytes - self._bytes))
+        limit = self.batch_size - len(self._events)
+        front = self._runs.front() if self._runs is not None else None
+        if front is not None:
+            limit = min(limit, front[1])
+        opening = not self._events
+        taken = queue.take(limit, self.batch_max_bytes - self._bytes)
+        if front is not None and taken:
+            span = self._runs.take(len(taken))  # type: ignore[union-attr]
+            if opening:
+                self._span = span
+        elif opening:
+            self._span = None
+        self._events.extend(taken)
         self._bytes += before - queue.bytes
 
     def _flush(self, trigger: str) -> None:
-        batch = Batch(self._events, self._bytes, self._new_id(), trigger)
+        if self._runs is not None and self._span is not None:
+            segment, first = self._span
+            batch = Batch(self._events, self._bytes, self._span_id(segment, first), trigger,
+                          (segment, first, len(self._events)))
+        else:
+            batch = Batch(self._events, self._bytes, self._new_id(), trigger)
         self._events = []
         self._bytes = 0
         self.metrics.batches_flushed.labels(trigger=trigger).inc()

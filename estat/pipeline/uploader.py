@@ -22,12 +22,13 @@ _log = Logger()
 
 class Spool(Protocol):
     """Where objects go when the store fails (the dead-letter queue).
-    `save` never fails: what it cannot keep it counts and logs."""
+    `save` never fails: what it cannot keep it counts and logs, and answers
+    False (a spool answering None counts as keeping it)."""
 
-    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
+    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[bool]":
         ...
 
-    def salvage(self, failed: EncodeFailed) -> "Deferred[None]":
+    def salvage(self, failed: EncodeFailed) -> "Deferred[bool]":
         """Keep the bodies of a batch that could not be encoded."""
 
 
@@ -46,6 +47,7 @@ class Uploader:
         metrics: Metrics,
         queue_size: int,
         concurrency: int,
+        on_done: Callable[[Batch], None] = lambda batch: None,
     ) -> None:
         self.store = store
         self.spool = spool
@@ -58,6 +60,9 @@ class Uploader:
         self._puts: set[Deferred] = set()
         self._idle_waiters: list[Deferred] = []
         self._past_deadline = False
+        self._abandoned = False
+        self._on_done = on_done  # durable mode: the log may let the batch's records go
+        self._room_waiters: list[Deferred[None]] = []
         metrics.upload_queue_depth.set_function(lambda: len(self._queue))
         metrics.upload_queue_capacity.set(queue_size)
         metrics.uploads_in_flight.set_function(lambda: self._in_flight)
@@ -91,6 +96,14 @@ class Uploader:
         self._queue.append(batch)
         self._pump()
 
+    def when_room(self) -> "Deferred[None]":
+        """Fires once `has_room` (a replay submits no faster than this)."""
+        if self.has_room():
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._room_waiters.append(waiter)
+        return waiter
+
     def when_idle(self) -> "Deferred[None]":
         """Fires once every queued and in-flight batch is stored or spooled."""
         if self.idle():
@@ -106,6 +119,14 @@ class Uploader:
         for put in list(self._puts):
             put.cancel()
 
+    def abandon(self) -> None:
+        """At the shutdown deadline in durable mode: cancel the store calls
+        under way and start no more, spooling nothing; those batches stay
+        in the write-ahead log and are replayed at the next start."""
+        self._abandoned = True
+        for put in list(self._puts):
+            put.cancel()
+
     def _pump(self) -> None:
         while self._in_flight < self.concurrency and self._queue:
             batch = self._queue.popleft()
@@ -117,6 +138,8 @@ class Uploader:
     def _finished(self, _: object) -> None:
         self._in_flight -= 1
         self._pump()
+        while self._room_waiters and self.has_room():
+            self._room_waiters.pop(0).callback(None)
         if self.idle():
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
@@ -126,21 +149,37 @@ class Uploader:
         return Deferred.fromCoroutine(self._process(batch))
 
     async def _process(self, batch: Batch) -> None:
+        if self._abandoned:
+            return
         try:
             objects = await self._encode(batch)
         except EncodeFailed as failed:
-            await self.spool.salvage(failed)
+            if await self.spool.salvage(failed) and not self._abandoned:
+                self._on_done(batch)  # its bodies are dead-lettered
             raise  # still a bug in this loop: `guarded` logs and counts it
+        kept = True
         for obj in objects:
             if obj.kind == "raw":
                 self._metrics.raw_events.inc(obj.event_count)
-            await self._store_or_spool(obj)
-
-    async def _store_or_spool(self, obj: EncodedObject) -> None:
-        if self._past_deadline:
-            await self.spool.save(obj, RetryableStoreError(
-                "timeout", "ShutdownDeadline", "not uploaded before the shutdown deadline"))
+            kept = await self._store_or_spool(obj) and kept
+        if self._abandoned:
             return
+        if kept:
+            self._on_done(batch)
+        elif batch.wal_span is not None:
+            self._metrics.wal_kept_events.inc(len(batch.events))
+            _log.warn("batch {batch} was neither stored nor dead-lettered: its events stay "
+                      "in the write-ahead log and are replayed at the next start",
+                      batch=batch.batch_id)
+
+    async def _store_or_spool(self, obj: EncodedObject) -> bool:
+        """Whether `obj` is stored or dead-lettered."""
+        if self._abandoned:
+            return False
+        if self._past_deadline:
+            kept = await self.spool.save(obj, RetryableStoreError(
+                "timeout", "ShutdownDeadline", "not uploaded before the shutdown deadline"))
+            return kept is not False
         put = self.store.put(obj)
         self._puts.add(put)
         try:
@@ -158,9 +197,11 @@ class Uploader:
             events.inc(obj.event_count)
             objects.inc()
             size.inc(len(obj.data))
-            return
+            return True
         finally:
             self._puts.discard(put)
+        if self._abandoned:
+            return False  # left in the write-ahead log
         self._metrics.store_failures.labels(store=self.store.name, reason=error.reason).inc()
         _log.error(
             "could not store {key} ({events} events) in the {store} store: "
@@ -168,4 +209,5 @@ class Uploader:
             key=obj.key, events=obj.event_count, store=self.store.name,
             code=error.code, message=error.message,
         )
-        await self.spool.save(obj, error)
+        kept = await self.spool.save(obj, error)
+        return kept is not False

@@ -153,12 +153,13 @@ def listen_at_once(reactor: Any, description: str, factory: IProtocolFactory) ->
 
 
 def worker_settings(settings: Settings, index: int, runtime_dir: str) -> Settings:
-    """The settings of worker `index`: its own host id, dead-letter
-    subfolder and admin socket; one process, no further workers."""
+    """The settings of worker `index`: its own host id, dead-letter and
+    write-ahead log subfolders and admin socket; one process, no further workers."""
     return dataclasses.replace(
         settings,
         host_id=f"{settings.host_id}-w{index}",
         dlq_dir=os.path.join(settings.dlq_dir, f"w{index}"),
+        wal_dir=os.path.join(settings.wal_dir, f"w{index}"),
         admin_listen=f"unix:{admin_socket(runtime_dir, index)}:mode=600",
         workers=1,
     )

@@ -1,0 +1,156 @@
+"""Admission: where an ingest path hands the events it has validated, and
+gets the answer to give.
+
+`MemoryAdmission` (ACK_MODE=memory) queues them and answers 202 at once.
+`DurableAdmission` (ACK_MODE=durable) checks there is room, appends them
+to the write-ahead log, and answers with a Deferred that fires once the
+fsync covering them has returned: then the events are queued and the
+answer is 202; a failed write is a 503, never a 202. Every ingest route
+calls `admit`, so both modes hold for all of them."""
+
+from __future__ import annotations
+
+from typing import Protocol, Union
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from estat.http.response import Answer, error_body
+from estat.lifecycle import Lifecycle
+from estat.model import Event
+from estat.pipeline.queue import EventQueue
+from estat.wal.ledger import Ledger
+from estat.wal.segment import events_record
+from estat.wal.writer import Position, WalFull, WalWriter
+
+RETRY_AFTER = (b"retry-after", b"1")
+MaybeAnswer = Union[Answer, "Deferred[Answer]"]
+
+
+
+class AdmissionState(Protocol):
+    """What admission reads and counts of the request path's state
+    (`estat.collect.IngestState`)."""
+
+    queue: EventQueue
+    lifecycle: Lifecycle
+
+    def count_accepted(self, amount: int, protocol: str = "collect") -> None: ...
+
+    def count_rejected(self, reason: str, amount: int = 1,
+                       protocol: str = "collect") -> None: ...
+
+
+_UNAVAILABLE = {
+    "queue_full": "the event queue is full: retry after Retry-After seconds",
+    "shutting_down": "the server is stopping: retry after Retry-After seconds",
+    "starting": "the server is replaying its write-ahead log: retry after Retry-After seconds",
+    "wal_full": "the write-ahead log is at WAL_MAX_BYTES until the store catches up: "
+                "retry after Retry-After seconds",
+    "wal_unavailable": "the write-ahead log could not be written: retry after "
+                       "Retry-After seconds",
+}
+
+
+def unavailable(state: AdmissionState, reason: str, protocol: str = "collect") -> Answer:
+    """The 503 of a refusal that a retry may cure, counted by `reason` and
+    `protocol` (closing the connection when the server is stopping)."""
+    state.count_rejected(reason, protocol=protocol)
+    return Answer(503, error_body(reason, detail=_UNAVAILABLE[reason]), (RETRY_AFTER,),
+                  close=reason == "shutting_down")
+
+
+class Admission(Protocol):
+    def admit(self, events: list[Event], accepted: Answer,
+              protocol: str = "collect") -> MaybeAnswer:
+        """Take a request's events whole or not at all: `accepted` if
+        taken, else a 503; counted under `protocol`."""
+
+
+class MemoryAdmission:
+    """Queue, answer at once: a 202 means the event is in memory."""
+
+    def __init__(self, state: AdmissionState) -> None:
+        self.state = state
+
+    def admit(self, events: list[Event], accepted: Answer,
+              protocol: str = "collect") -> MaybeAnswer:
+        state = self.state
+        if state.lifecycle.stopping:
+            return unavailable(state, "shutting_down", protocol)
+        if not state.queue.offer(events):
+            return unavailable(state, "queue_full", protocol)
+        state.count_accepted(len(events), protocol)
+        return accepted
+
+
+def logged_form(events: list[Event]) -> tuple[bytes, list[Event]]:
+    """The log records of one request's events, and the events in the order
+    the records hold them. An `E` record carries one receive time and key
+    segment; a request whose events have several (an SDK batch written
+    with several keys) becomes one record per run, all in one append."""
+    first, last = events[0], events[-1]
+    if len(events) == 1 or ((first.ts, first.segment) == (last.ts, last.segment)
+                            and all(event.segment == first.segment and event.ts == first.ts
+                                    for event in events)):
+        return events_record(events), events
+    runs: dict[tuple[int, str], list[Event]] = {}
+    for event in events:
+        runs.setdefault((event.ts, event.segment), []).append(event)
+    ordered = [event for run in runs.values() for event in run]
+    return b"".join([events_record(run) for run in runs.values()]), ordered
+
+
+class DurableAdmission:
+    """Log, fsync, then queue: a 202 means the event is on disk.
+
+    Room in the queue is reserved at the append, so the queue takes the
+    events when their fsync returns (and does so in log order, which the
+    ledger relies on). Refuses with 503 `starting` until the lifecycle
+    runs (the log is replayed first), `wal_full` at WAL_MAX_BYTES and
+    `wal_unavailable` when the write or fsync fails."""
+
+    def __init__(self, state: AdmissionState, writer: WalWriter, ledger: Ledger) -> None:
+        self.state = state
+        self.writer = writer
+        self.ledger = ledger
+        self._reserved = 0  # events logged, not queued yet
+        self._reserved_bytes = 0
+
+    def admit(self, events: list[Event], accepted: Answer,
+              protocol: str = "collect") -> MaybeAnswer:
+        state = self.state
+        if not state.lifecycle.running:
+            return unavailable(state, "shutting_down" if state.lifecycle.stopping
+                               else "starting", protocol)
+        queue = state.queue
+        count = len(events)
+        size = sum(len(event.body) for event in events)
+        if (queue.room() - self._reserved < count
+                or (queue.max_bytes is not None
+                    and queue.bytes + self._reserved_bytes + size > queue.max_bytes)):
+            return unavailable(state, "queue_full", protocol)
+        data, events = logged_form(events)
+        try:
+            written = self.writer.append(data, count)
+        except WalFull:
+            return unavailable(state, "wal_full", protocol)
+        self._reserved += count
+        self._reserved_bytes += size
+
+        def logged(position: Position) -> Answer:
+            self._reserved -= count
+            self._reserved_bytes -= size
+            queued = queue.offer(events)
+            assert queued, "the queue refused events it had room reserved for"
+            self.ledger.appended(position, count)
+            state.count_accepted(count, protocol)
+            return accepted
+
+        def failed(failure: Failure) -> Answer:
+            self._reserved -= count
+            self._reserved_bytes -= size
+            return unavailable(state, "wal_unavailable", protocol)
+
+        answer: Deferred[Answer] = written.addCallbacks(logged, failed)
+        return answer
