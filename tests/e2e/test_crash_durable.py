@@ -1,6 +1,6 @@
 """Crash reconciliation in ACK_MODE=durable: `kill -9` of the server (and
 of its workers) at a random moment under load, mid-upload with S3
-hanging, then a restart on the same WAL_DIR: every event answered 202 is
+hanging, refusing, or having stored an object whose answer is lost, then a restart on the same WAL_DIR: every event answered 202 is
 stored exactly once (lost = 0, duplicates = 0), in the local store and in
 moto S3, with one and two workers. Events that got no answer may or may
 not be stored (the client retries those). See tests/e2e/reconcile.py."""
@@ -122,22 +122,34 @@ class CrashDurable(unittest.TestCase):
 
     @inlineCallbacks
     def _crash_and_restart(self, harness: Any, title: str,  # type: ignore[no-untyped-def]
-                           hang: bool = False):
+                           fault: Optional[str] = None):
+        """Load, then `kill -9` at a random moment, after S3 has been made
+        to `fault` if given: "hang" (an upload under way never answered),
+        "refuse" (uploads fail and go to the DLQ) or "hold" (S3 stores an
+        object, its answer never arrives); restart and reconcile."""
         yield harness.start()
         server = harness.server
         load = harness.load(title.replace(" ", "-"), connections=16)
         done = load.start()
         at = random.randint(300, 2500)
         yield poll_until(lambda: load.sent >= at, 30, what=f"{at} events sent")
-        if hang:
+        if fault == "hang":
             yield harness.proxy.set_mode("hang")
             yield poll_until(lambda: harness.metric("estat_uploads_in_flight") >= 1, 10,
                              what="an upload hanging on S3")
+        elif fault == "refuse":
+            yield harness.proxy.set_mode("refuse")
+            yield poll_until(lambda: harness.dlq_entries() >= 1, 20,
+                             what="a refused upload dead-lettered")
+        elif fault == "hold":
+            harness.proxy.hold_answers(2)
+            yield poll_until(lambda: harness.proxy.held_answers >= 1, 20,
+                             what="an upload stored by S3 whose answer is held")
         accepted_before = load.accepted_events()
         kill_hard(server)
         yield load.stop()
         yield done
-        if hang:
+        if fault is not None:
             yield harness.proxy.set_mode("pass")
         wal_dir = os.path.join(server.workdir, "estat-data", "wal")
         left = len(wal_segments(wal_dir))
@@ -176,7 +188,20 @@ class CrashDurable(unittest.TestCase):
 
     def test_kill_mid_upload_with_s3_hanging(self):
         return self._crash_and_restart(
-            self._harness("s3", {"S3_TIMEOUT": "10"}), "kill mid-upload s3 hangs", hang=True)
+            self._harness("s3", {"S3_TIMEOUT": "10"}), "kill mid-upload s3 hangs", fault="hang")
+
+    def test_kill_with_s3_refusing(self):
+        """Batches dead-lettered (each fsynced before its segment may go)
+        and batches still in the log at the kill: the replay and the DLQ
+        drain write the same keys, so nothing is stored twice."""
+        return self._crash_and_restart(self._harness("s3"), "kill s3 refusing",
+                                       fault="refuse")
+
+    def test_kill_after_s3_stored_but_before_its_answer(self):
+        """S3 stored an object and the answer was lost: the replay rewrites
+        the same key rather than a second copy."""
+        return self._crash_and_restart(self._harness("s3", {"S3_TIMEOUT": "10"}),
+                                       "kill s3 answer lost", fault="hold")
 
     @inlineCallbacks
     def test_sigterm_past_the_deadline_leaves_the_rest_in_the_log(self):
