@@ -244,3 +244,29 @@ class CrashDurableWithWorkers(CrashDurable):
 
     def test_kill_under_load_local_again(self):  # type: ignore[override]
         raise unittest.SkipTest("two runs of each kind are enough with one worker")
+
+    @inlineCallbacks
+    def test_a_worker_killed_alone_replays_its_own_log(self):
+        """`kill -9` of one worker: the parent starts another on the same
+        index, which replays that worker's WAL subfolder while the other
+        worker goes on serving."""
+        harness = self._harness("local")
+        yield harness.start()
+        server = harness.server
+        load = harness.load("worker-killed", connections=16)
+        done = load.start()
+        yield poll_until(lambda: load.sent >= random.randint(300, 1500), 30,
+                         what="events sent")
+        [victim, *_] = _children(server.proc.process.pid)
+        os.kill(victim, signal.SIGKILL)
+        yield poll_until(lambda: harness.metric("estat_wal_replayed_events_total") > 0, 30,
+                         what="the restarted worker to replay its log")
+        yield load.stop()
+        yield done
+        yield self._idle(harness)
+        code = yield server.stop(30)
+        self.assertIn(code, (0, -15), server.output()[-3000:])
+        report = yield harness.reconcile("one worker killed, durable")
+        log.msg("reconciliation table:\n" + report.table())
+        self.assertEqual(report.problems(), [], report.table())
+        self.assertGreater(report.accepted, 0, report.table())
