@@ -192,6 +192,17 @@ class Metrics:
             "estat_event_queue_depth", "Events waiting for the batcher", registry=r)
         self.event_queue_capacity = Gauge(
             "estat_event_queue_capacity", "EVENT_QUEUE_SIZE", registry=r)
+        self.event_queue_bytes = Gauge(
+            "estat_event_queue_bytes", "Bytes of the event bodies waiting for the batcher",
+            registry=r)
+        self.event_queue_max_bytes = Gauge(
+            "estat_event_queue_max_bytes", "EVENT_QUEUE_MAX_BYTES (0: no byte bound)",
+            registry=r)
+        self.request_bodies_bytes = Gauge(
+            "estat_request_bodies_bytes", "Bytes of the request bodies being received, "
+            "held against REQUEST_BODIES_MAX_BYTES", registry=r)
+        self.request_bodies_max_bytes = Gauge(
+            "estat_request_bodies_max_bytes", "REQUEST_BODIES_MAX_BYTES", registry=r)
         self.upload_queue_depth = Gauge(
             "estat_upload_queue_depth", "Flushed batches waiting for upload", registry=r)
         self.upload_queue_capacity = Gauge(

@@ -211,6 +211,8 @@ def build(settings: Settings, reactor: IIngestReactor,
                        more=sdk_routes(state, settings, reactor)),
         limits=limits, counters=state, lifecycle=lifecycle, reactor=reactor,
         answer_headers=state.cors_headers)
+    metrics.request_bodies_bytes.set_function(lambda: listener.budget.used)
+    metrics.request_bodies_max_bytes.set(listener.budget.max_bytes)
     admin_site = AdminSite({
         b"metrics": MetricsPage(registry),
         b"healthz": HealthResource(),

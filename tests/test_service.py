@@ -489,3 +489,25 @@ class EncoderPriorityTests(unittest.TestCase):
             thread.join()
         self.assertEqual(len(said), 1)
         self.assertIsInstance(said[0], PermissionError)
+
+
+class ByteBoundGaugeTests(unittest.TestCase):
+    def test_the_byte_bounds_are_exported_with_what_uses_them(self):
+        """The event queue's bytes and the bytes of the bodies being
+        received are gauges beside their bounds, so an operator sees a 503
+        queue_full or request_bodies_full coming."""
+        h = ServiceHarness(self, event_queue_max_bytes=1 << 20,
+                           request_bodies_max_bytes=4 << 20)
+        h.start()
+        self.assertEqual(h.metric("estat_event_queue_max_bytes"), 1 << 20)
+        self.assertEqual(h.metric("estat_request_bodies_max_bytes"), 4 << 20)
+        receiving = h.connect("slow")
+        receiving.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                       b"\r\nContent-Length: 5000\r\n\r\n{")
+        self.assertEqual(h.metric("estat_request_bodies_bytes"), 5000)
+        done = h.connect("done")
+        done.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n"
+                  b'{"n":123}')
+        self.assertEqual(done.answers(), [202])
+        self.assertEqual(h.metric("estat_event_queue_bytes"), 9)
+        self.assertEqual(h.metric("estat_request_bodies_bytes"), 5000)

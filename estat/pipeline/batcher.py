@@ -74,6 +74,8 @@ class Batcher:
         self._span: Optional[tuple[int, int]] = None
         metrics.event_queue_depth.set_function(lambda: len(queue))
         metrics.event_queue_capacity.set(queue.capacity)
+        metrics.event_queue_bytes.set_function(lambda: queue.bytes)
+        metrics.event_queue_max_bytes.set(queue.max_bytes or 0)
 
     def service(self) -> LoopService:
         """The loop, as a service: `tick` from `startService` (guarded:
