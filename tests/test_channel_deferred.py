@@ -80,3 +80,19 @@ class DeferredAnswers(unittest.TestCase):
         self.exchange.channel.close_if_idle()
         self.pending[0].callback(Answer(202, b"one"))
         self.assertEqual([body for _, _, body in self.exchange.responses()], [b"one"])
+
+    def test_a_refusal_behind_a_waiting_answer_comes_after_it(self):
+        """A pipelined request the channel refuses itself (here: a body
+        over the limit) while an earlier answer waits: the client reads
+        the earlier answer first, then the refusal."""
+        too_large = b"x" * (self.listener.limits.max_body_size + 1)
+        self.exchange.send(post_bytes(b"wait-1") + post_bytes(too_large))
+        self.assertEqual(self.exchange.responses(), [])
+        self.pending[0].callback(Answer(202, b"one"))
+        self.assertEqual([code for code, _, _ in self.exchange.responses()], [202, 413])
+
+    def test_a_connection_waiting_for_its_answer_is_never_evicted(self):
+        self.exchange.send(post_bytes(b"wait-1"))
+        self.assertFalse(self.exchange.channel.evictable())
+        self.pending[0].callback(Answer(202, b"one"))
+        self.assertTrue(self.exchange.channel.evictable())
