@@ -10,7 +10,7 @@ calls `admit`, so both modes hold for all of them."""
 
 from __future__ import annotations
 
-from typing import Protocol, Union
+from typing import Optional, Protocol, Union
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -24,6 +24,7 @@ from estat.wal.segment import events_record
 from estat.wal.writer import Position, WalFull, WalWriter
 
 RETRY_AFTER = (b"retry-after", b"1")
+_MAX_HEADROOM = 1 << 20
 MaybeAnswer = Union[Answer, "Deferred[Answer]"]
 
 
@@ -66,6 +67,10 @@ class Admission(Protocol):
         """Take a request's events whole or not at all: `accepted` if
         taken, else a 503; counted under `protocol`."""
 
+    def full(self) -> Optional[str]:
+        """Why requests would be refused now for want of room beyond the
+        queue's (a reason of `_UNAVAILABLE`), or None."""
+
 
 class MemoryAdmission:
     """Queue, answer at once: a 202 means the event is in memory."""
@@ -82,6 +87,9 @@ class MemoryAdmission:
             return unavailable(state, "queue_full", protocol)
         state.count_accepted(len(events), protocol)
         return accepted
+
+    def full(self) -> Optional[str]:
+        return None
 
 
 def logged_form(events: list[Event]) -> tuple[bytes, list[Event]]:
@@ -154,3 +162,10 @@ class DurableAdmission:
 
         answer: Deferred[Answer] = written.addCallbacks(logged, failed)
         return answer
+
+    def full(self) -> Optional[str]:
+        """`wal_full` once less than 1 % of WAL_MAX_BYTES (1 MiB at most) is
+        left: most requests would be refused, so /readyz says so."""
+        writer = self.writer
+        headroom = min(_MAX_HEADROOM, writer.max_bytes // 100)
+        return "wal_full" if writer.max_bytes - writer.bytes < headroom else None

@@ -67,8 +67,10 @@ class IngestState:
             protocol=protocol) for protocol in PROTOCOLS}
 
     def ready(self) -> bool:
-        """Running, with room in the queue for at least one more event."""
-        return self.lifecycle.running and self.queue.room() > 0
+        """Running, with room in the queue for at least one more event (and
+        in the write-ahead log, in durable mode)."""
+        return (self.lifecycle.running and self.queue.room() > 0
+                and self.admission.full() is None)
 
     def count_response(self, code: int) -> None:
         child = self._codes.get(code)
@@ -351,10 +353,14 @@ _READY = Answer(200, b'{"status":"ready"}\n')
 
 def readiness(state: IngestState) -> Answer:
     """200 when new events would be accepted; 503 while starting, draining
-    for shutdown, or with a full event queue."""
+    for shutdown, with a full event queue, or (durable mode) a full
+    write-ahead log."""
     if state.ready():
         return _READY
-    status = "queue_full" if state.lifecycle.running else state.lifecycle.phase.value
+    if not state.lifecycle.running:
+        status = state.lifecycle.phase.value
+    else:
+        status = state.admission.full() or "queue_full"
     return Answer(503, error_body("not_ready", status=status), (RETRY_AFTER,))
 
 

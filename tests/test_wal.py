@@ -365,6 +365,18 @@ class Admission(unittest.TestCase):
         self.assertEqual(json.loads(answer.body)["error"], "wal_full")
 
 
+    def test_readyz_turns_503_as_the_log_reaches_its_budget(self):
+        from estat.collect import readiness
+        self.state.admission = self.admission
+        self.state.lifecycle.start_running()
+        self.assertEqual(readiness(self.state).code, 200)
+        self.admission.admit(_events(1, b"x" * 9_800), self.accepted)  # of 10,000
+        self.assertEqual(readiness(self.state).code, 200)
+        self.admission.admit(_events(1, b"x" * 150), self.accepted)
+        answer = readiness(self.state)
+        self.assertEqual((answer.code, json.loads(answer.body)["status"]), (503, "wal_full"))
+
+
 class Cli(unittest.TestCase):
     def test_list_and_verify(self):
         import io
