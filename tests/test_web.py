@@ -338,6 +338,22 @@ class ShipperBatchTests(ListenerTestCase):
         code, answer = self.send(b"\x28\xb5\x2f\xfd garbage", NDJSON, b"Content-Encoding: zstd\r\n")
         self.assertEqual((code, answer["error"]), (400, "invalid_encoding"))
 
+    def test_a_zstd_body_cut_at_a_line_boundary_is_refused(self):
+        """A stream cut after a block that ends a line inflates to valid,
+        shorter NDJSON: only the frame headers show it was cut."""
+        import zstandard
+
+        stream = zstandard.ZstdCompressor(write_checksum=True).compressobj()
+        first = stream.compress(b'{"a":1}\n') + stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        rest = stream.compress(b'{"a":2}\n') + stream.flush()
+        self.assertEqual(zstandard.ZstdDecompressor().decompressobj().decompress(first),
+                         b'{"a":1}\n')
+        code, answer = self.send(first, NDJSON, b"Content-Encoding: zstd\r\n")
+        self.assertEqual((code, answer["error"]), (400, "invalid_encoding"))
+        self.assertEqual(list(self.queue), [])
+        code, answer = self.send(first + rest, NDJSON, b"Content-Encoding: zstd\r\n")
+        self.assertEqual((code, answer["events"]), (202, 2))
+
     def test_a_zstd_bomb_inflates_little_past_the_limit(self):
         import zstandard
 

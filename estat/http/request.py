@@ -20,6 +20,7 @@ from typing import IO, Mapping, Optional, Protocol, cast
 import zstandard
 
 from estat.codec import GZIP_WBITS
+from estat.http.zstdframes import ZstdFrames
 
 NDJSON = b"application/x-ndjson"
 _WHITESPACE = b" \t\r\n"
@@ -117,6 +118,7 @@ class _Zstd:
         self._room = 0
         self._writer = self._decompressor.stream_writer(
             cast(IO[bytes], self), write_size=_ZSTD_WRITE_BYTES)
+        self._frames = ZstdFrames()
 
     def write(self, data: bytes) -> int:
         """The stream writer's output (zstandard calls this)."""
@@ -128,6 +130,7 @@ class _Zstd:
 
     def inflate(self, data: bytes, room: int) -> bytes:
         self._out, self._size, self._room = [], 0, room
+        self._frames.feed(data)
         try:
             self._writer.write(data)
         except _Over:
@@ -137,7 +140,7 @@ class _Zstd:
         return b"".join(self._out)
 
     def finished(self) -> bool:
-        return True  # a truncated frame leaves a cut last line, which is refused
+        return self._frames.complete()
 
 
 def _inflater_for(encoding: bytes) -> Optional[_Inflater]:
