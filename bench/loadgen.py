@@ -6,8 +6,10 @@ every request itself; see LUA_RATE."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -28,6 +30,7 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "%(content_type)s"
+%(encoding_header)s
 """
 
 # Appended to a scenario's script (and %-formatted with it, `marker` set):
@@ -189,6 +192,35 @@ def ndjson_batch(events: int = 100, size: int = 300) -> bytes:
     return b"".join(single_event(size) + b"\n" for _ in range(events))
 
 
+_WORDS = ("GET", "POST", "200", "404", "ok", "error", "timeout", "user", "cart", "item",
+          "search", "login", "api", "v2", "retry", "cache", "hit", "miss", "db", "slow")
+
+
+def log_chunk(events: int, size: int = 300, seed: int = 16) -> bytes:
+    """A log shipper's chunk: `events` NDJSON lines of about `size` bytes
+    that differ from each other (ids, times, paths, a random pad) as real
+    events do, so that gzip compresses them about as much as real ones
+    (5-6x) rather than to nothing, as it would `ndjson_batch`'s copies."""
+    rng = random.Random(seed)
+    lines = []
+    for n in range(events):
+        event = {"event": rng.choice(("page_view", "click", "signup", "log")),
+                 "user_id": f"u-{rng.randrange(10**10):010d}", "seq": n,
+                 "ts_client": 1795695707974 + n * 7,
+                 "url": f"https://example.com/p/{rng.randrange(10**6)}",
+                 "props": {"plan": rng.choice(("free", "pro")), "pad": ""}}
+        pad = size - len(json.dumps(event, separators=(",", ":")))
+        words = " ".join(rng.choice(_WORDS) for _ in range(max(pad, 0) // 5 + 1))
+        event["props"]["pad"] = words[:max(pad, 0)]  # type: ignore[index]
+        lines.append(json.dumps(event, separators=(",", ":")).encode())
+    return b"\n".join(lines) + b"\n"
+
+
+def gzipped(body: bytes) -> bytes:
+    """`body` as one gzip member (level 6, what shippers default to)."""
+    return gzip.compress(body, compresslevel=6, mtime=0)
+
+
 @dataclass
 class WrkResult:
     """What one wrk run measured, from the Lua `done` callback."""
@@ -247,17 +279,20 @@ def ensure_wrk() -> str:
 
 
 def write_script(workdir: str, name: str, body: bytes, content_type: str,
-                 rate: Optional[float] = None, connections: int = 0) -> str:
+                 rate: Optional[float] = None, connections: int = 0,
+                 encoding: str = "") -> str:
     """Write the body and the Lua script for one scenario; return the script
-    path. With `rate` (requests/s over all `connections`) the script sends on
+    path. `encoding`, when given, is sent as Content-Encoding. With `rate` (requests/s over all `connections`) the script sends on
     a fixed schedule (LUA_RATE) and must run with one wrk thread per
     connection."""
     body_path = os.path.join(workdir, f"{name}.body")
     with open(body_path, "wb") as handle:
         handle.write(body)
     lua = _LUA + LUA_REPORT
-    values: dict[str, object] = {"body_path": body_path, "content_type": content_type,
-                                 "marker": _MARKER}
+    values: dict[str, object] = {
+        "body_path": body_path, "content_type": content_type, "marker": _MARKER,
+        "encoding_header": (f'wrk.headers["Content-Encoding"] = "{encoding}"' if encoding
+                            else "")}
     if rate is not None:
         if rate <= 0 or connections < 1:
             raise ValueError(f"a fixed rate needs rate > 0 and connections >= 1 "
@@ -333,9 +368,11 @@ def _ms(stats: dict[str, int]) -> dict[str, float]:
     return {k: (v if k == "n" else v / 1e3) for k, v in stats.items()}
 
 
-def probe(url: str, body: bytes, content_type: str) -> Optional[int]:
+def probe(url: str, body: bytes, content_type: str, encoding: str = "") -> Optional[int]:
     """The status of one POST of `body` (None when nothing answers)."""
     from tests.support import http_status
 
-    return http_status(url, timeout=5, method="POST", body=body,
-                       headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type}
+    if encoding:
+        headers["Content-Encoding"] = encoding
+    return http_status(url, timeout=5, method="POST", body=body, headers=headers)

@@ -39,11 +39,44 @@ from servers import Baseline, Estat, parse_metrics  # noqa: E402
 from stores import Moto, count_files, count_local_events, list_local_objects  # noqa: E402
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-SCENARIOS = ("baseline", "baseline-httptools", "single-local", "batch-local", "single-s3",
-             "batch-s3", "single-durable", "batch-durable")
+SCENARIOS = ("baseline", "baseline-httptools", "floor-batch", "floor-chunk1k",
+             "floor-chunk13k", "single-local", "batch-local", "chunk1k-local",
+             "chunk13k-local", "single-s3", "batch-s3", "single-durable", "batch-durable")
 OPTIONAL_SCENARIOS = ("baseline-stock",)  # run only when named
 BASELINES = ("baseline", "baseline-httptools", "baseline-stock")
+# The httptools floor answering each batch body, as `baseline-httptools`
+# answers the single one: the row to subtract from that body's estat row.
+FLOORS = {"floor-batch": "batch", "floor-chunk1k": "chunk1k", "floor-chunk13k": "chunk13k"}
 BATCH_EVENTS = 100
+CHUNK_EVENTS = {"chunk1k": 1_000, "chunk13k": 13_500}
+
+
+@dataclass(frozen=True)
+class Body:
+    """What every request of a scenario sends."""
+
+    data: bytes
+    content_type: str
+    events: int
+    encoding: str = ""  # Content-Encoding, "" for none
+
+
+def body_for(kind: str) -> Body:
+    """`single`: one ~1 KB event; `batch`: 100 × ~300 B NDJSON; `chunk1k`,
+    `chunk13k`: a log shipper's gzip'd NDJSON chunk of 1,000 or 13,500
+    distinct ~300 B events."""
+    if kind == "single":
+        return Body(loadgen.single_event(), loadgen.JSON_TYPE, 1)
+    if kind == "batch":
+        return Body(loadgen.ndjson_batch(BATCH_EVENTS), loadgen.NDJSON_TYPE, BATCH_EVENTS)
+    events = CHUNK_EVENTS[kind]
+    return Body(loadgen.gzipped(loadgen.log_chunk(events)), loadgen.NDJSON_TYPE, events,
+                "gzip")
+
+
+def floor_of(kind: str) -> str:
+    """The scenario name of the floor for `kind`'s body."""
+    return "baseline-httptools" if kind == "single" else f"floor-{kind}"
 CLEAN_STOP_CODES = (-15, 143, 0)
 ACCEPTED = "estat_events_accepted_total"
 FSYNCS = "estat_wal_fsync_seconds_count"
@@ -65,6 +98,13 @@ class Row:
     p99_ms: Optional[float] = None
     cpu_s: Optional[float] = None
     cpu_us_per_req: Optional[float] = None
+    events_per_req: int = 1
+    requests: Optional[int] = None  # wrk's, all statuses
+    run_events: Optional[float] = None  # events accepted during the wrk run
+    # estat rows: CPU µs per request over the floor's for the same body, and
+    # (CPU µs/req - floor's) / events per request
+    floor_ratio: Optional[float] = None
+    estat_us_per_event: Optional[float] = None
     peak_rss_mib: Optional[float] = None
     wrk_cpu_s: Optional[float] = None
     accepted: Optional[int] = None
@@ -131,6 +171,7 @@ def fill_from_wrk(row: Row, result: loadgen.WrkResult, cpu_s: float) -> None:
     `cpu_s` sums N + 1 processes and may exceed the duration; the "only X%
     of a core" note still means the server waited."""
     row.rps = result.rps
+    row.requests = result.requests
     row.p50_ms, row.p99_ms = result.p50_ms, result.p99_ms
     row.cpu_s = cpu_s
     row.wrk_cpu_s = result.wrk_cpu_s
@@ -172,7 +213,7 @@ def settle(pid: int, notes: list[str], limit: float = 15.0) -> None:
 
 def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: bytes,
                content_type: str, pid: int, opts: Options,
-               logdir: str) -> Optional[loadgen.WrkResult]:
+               logdir: str, encoding: str = "") -> Optional[loadgen.WrkResult]:
     """`--latency`: once the server is idle again, send to it at
     `--latency-fraction` of `max_rps` (what the wrk run just reached), on a
     fixed schedule over the same number of connections, and fill the row's
@@ -183,7 +224,7 @@ def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: by
     settle(pid, row.notes)
     rate = max_rps * opts.latency_fraction
     script = loadgen.write_script(logdir, name, body, content_type, rate=rate,
-                                  connections=opts.connections)
+                                  connections=opts.connections, encoding=encoding)
     print(f"   fixed rate {rate:,.0f} req/s ({opts.latency_duration:g} s) ...", flush=True)
     result, cpu_s = measure(wrk, url, script, pid, opts, logdir, row.notes, fixed_rate=True)
     if result.schedule is None:
@@ -216,21 +257,27 @@ def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: by
 def run_baseline(wrk: str, opts: Options, logdir: str, name: str) -> Row:
     """A framework floor: a bare handler answering 202 (`baseline`: a
     twisted.web Resource; `-stock`: on Twisted's default Request and Site;
-    `-httptools`: a Protocol parsed by httptools, as estat's listener is)."""
+    `-httptools`: a Protocol parsed by httptools, as estat's listener is;
+    `floor-<kind>`: the httptools one, sent `<kind>`'s body, which it parses
+    and drops without inflating)."""
     row = Row(name, "-")
-    body = loadgen.single_event()
-    script = loadgen.write_script(logdir, "baseline", body, loadgen.JSON_TYPE)
-    server = Baseline(logdir, name.partition("-")[2], cpus=opts.server_cpus())
+    body = body_for(FLOORS.get(name, "single"))
+    row.events_per_req = body.events
+    script = loadgen.write_script(logdir, "baseline", body.data, body.content_type,
+                                  encoding=body.encoding)
+    flavour = "httptools" if name in FLOORS else name.partition("-")[2]
+    server = Baseline(logdir, flavour, cpus=opts.server_cpus())
     try:
         result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir)
         row.peak_rss_mib = procs.peak_rss_mib(server.child.pid)
         if opts.latency:
-            fixed_rate(wrk, row, result.rps, server.url, "baseline", body, loadgen.JSON_TYPE,
-                       server.child.pid, opts, logdir)
+            fixed_rate(wrk, row, result.rps, server.url, "baseline", body.data,
+                       body.content_type, server.child.pid, opts, logdir, body.encoding)
     finally:
         server.stop()
     fill_from_wrk(row, result, cpu_s)
-    row.events_per_s = result.count(202) / result.duration_s
+    row.run_events = result.count(202) * body.events
+    row.events_per_s = row.run_events / result.duration_s
     row.check = "n/a (stores nothing)"
     return row
 
@@ -240,9 +287,10 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
     """`single` or `batch` against estat-ingest with the local or S3 store,
     run with `workers` worker processes."""
     row = Row(kind, store, workers=workers)
-    body, ctype = ((loadgen.single_event(), loadgen.JSON_TYPE) if kind == "single"
-                   else (loadgen.ndjson_batch(BATCH_EVENTS), loadgen.NDJSON_TYPE))
-    script = loadgen.write_script(logdir, kind, body, ctype)
+    spec = body_for(kind)
+    body, ctype = spec.data, spec.content_type
+    row.events_per_req = spec.events
+    script = loadgen.write_script(logdir, kind, body, ctype, encoding=spec.encoding)
     datadir = tempfile.mkdtemp(prefix=f"estat-bench-{kind}-{store}-w{workers}-")
     env = {"EVENT_QUEUE_SIZE": str(opts.event_queue_size), "SHUTDOWN_TIMEOUT": "60"}
     if store == "durable":  # the local store, acknowledging after the WAL's fsync
@@ -254,7 +302,7 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
     server: Optional[Estat] = None
     try:
         server = Estat(logdir, datadir, env, workers, cpus=opts.server_cpus())
-        status = loadgen.probe(server.url, body, ctype)
+        status = loadgen.probe(server.url, body, ctype, spec.encoding)
         if status == 415:
             server.stop(30)
             row.check = "skipped: not supported by this server (415)"
@@ -268,11 +316,15 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         before = server.metrics()
         result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir,
                                 row.notes)
+        # Requests wrk abandoned at its end may still be in the server (a
+        # 13,500-event chunk takes milliseconds): count after they finish.
+        settle(server.child.pid, row.notes)
         after_text = server.metrics_text()
         row.peak_rss_mib = (procs.tree_peak_rss_mib(server.child.pid) if workers > 1
                             else procs.peak_rss_mib(server.child.pid))
         rate_result = (fixed_rate(wrk, row, result.rps, server.url, kind, body, ctype,
-                                  server.child.pid, opts, logdir) if opts.latency else None)
+                                  server.child.pid, opts, logdir, spec.encoding)
+                       if opts.latency else None)
         final_text = server.metrics_text() if rate_result else after_text
         code = server.stop(120)
         after = parse_metrics(after_text)[0]
@@ -285,7 +337,7 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         if server.child.left_behind:
             row.notes.append("processes of the server's group outlived twistd and were killed")
         fill_from_wrk(row, result, cpu_s)
-        account(row, result, before, after, kind)
+        account(row, result, before, after)
         if store == "durable":
             fsyncs = after.get(FSYNCS, 0) - before.get(FSYNCS, 0)
             seconds = (after.get("estat_wal_fsync_seconds_sum", 0)
@@ -294,7 +346,8 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
                              f"{result.count(202) / max(fsyncs, 1):.1f} requests per fsync, "
                              f"{seconds / max(fsyncs, 1) * 1000:.1f} ms per write + fsync")
         if rate_result is not None:  # every event counts for accepted = stored
-            cross_check(row.notes, rate_result, after, final, kind, "fixed rate: ")
+            cross_check(row.notes, rate_result, after, final, row.events_per_req,
+                        "fixed rate: ")
             row.accepted = int(final.get(ACCEPTED, 0))
         if code not in CLEAN_STOP_CODES:
             row.notes.append(f"server exit status {code} (clean stop is -15)")
@@ -320,20 +373,20 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
 
 
 def account(row: Row, result: loadgen.WrkResult, before: dict[str, float],
-            after: dict[str, float], kind: str) -> None:
+            after: dict[str, float]) -> None:
     """Events accepted (the server's counter, probe included, since the
     store holds the probe too) and events/s over the wrk run."""
     row.accepted = int(after.get(ACCEPTED, 0))
-    row.events_per_s = (after.get(ACCEPTED, 0) - before.get(ACCEPTED, 0)) / result.duration_s
-    cross_check(row.notes, result, before, after, kind)
+    row.run_events = after.get(ACCEPTED, 0) - before.get(ACCEPTED, 0)
+    row.events_per_s = row.run_events / result.duration_s
+    cross_check(row.notes, result, before, after, row.events_per_req)
 
 
 def cross_check(notes: list[str], result: loadgen.WrkResult, before: dict[str, float],
-                after: dict[str, float], kind: str, prefix: str = "") -> None:
+                after: dict[str, float], per_request: int, prefix: str = "") -> None:
     """Note when wrk saw more events answered 202 than the server counted
     between `before` and `after`, or when the server's 202s and its accepted
-    events disagree."""
-    per_request = 1 if kind == "single" else BATCH_EVENTS
+    events disagree (`per_request` events in every request)."""
     seen = result.count(202) * per_request
     counted = after.get(ACCEPTED, 0) - before.get(ACCEPTED, 0)
     if seen > counted:
@@ -375,14 +428,16 @@ def table(rows: list[Row], show_workers: bool = False) -> str:
     `show_workers` (`--workers` other than 1) a `workers` column too."""
     lines = table_head(
         "| scenario | store | req/s | × baseline | × baseline by CPU | events/s | non-2xx | p50 ms "
-        "| p99 ms | server CPU s | CPU µs/req | peak RSS MiB | accepted | stored "
-        "| accepted = stored |", show_workers)
+        "| p99 ms | server CPU s | CPU µs/req | × floor CPU | estat µs/event | peak RSS MiB "
+        "| accepted | stored | accepted = stored |", show_workers)
     for r in rows:
         workers = f" {fmt(r.workers, 'd')} |" if show_workers else ""
         lines.append(
             f"| {r.scenario} | {r.store} |{workers} {fmt(r.rps, ',.0f')} | {fmt(r.ratio, '.2f')} | {fmt(r.cpu_ratio, '.2f')} "
             f"| {fmt(r.events_per_s, ',.0f')} | {r.non_2xx or '-'} | {fmt(r.p50_ms, '.2f')} "
-            f"| {fmt(r.p99_ms, '.2f')} | {fmt(r.cpu_s, '.1f')} | {fmt(r.cpu_us_per_req, '.0f')} | {fmt(r.peak_rss_mib, '.0f')} "
+            f"| {fmt(r.p99_ms, '.2f')} | {fmt(r.cpu_s, '.1f')} | {fmt(r.cpu_us_per_req, '.0f')} "
+            f"| {fmt(r.floor_ratio, '.2f')} | {fmt(r.estat_us_per_event, '.2f')} "
+            f"| {fmt(r.peak_rss_mib, '.0f')} "
             f"| {fmt(r.accepted, ',d')} | {fmt(r.stored, ',d')} | {r.check} |")
     def where(r: Row) -> str:
         return f"{r.scenario}/{r.store}" + (f"/{r.workers}w" if show_workers and r.workers else "")
@@ -522,7 +577,7 @@ def run_one(name: str, wrk: str, opts: Options, rundir: str,
     print(f"== {label} ({opts.duration:g} s) ...", flush=True)
     kind, _, store = name.partition("-")
     try:
-        if name in BASELINES:
+        if name in BASELINES or name in FLOORS:
             return run_baseline(wrk, opts, logdir, name)
         moto = get_moto() if store == "s3" else None
         return run_estat(wrk, opts, logdir, kind, store, moto, workers or 1)
@@ -548,7 +603,7 @@ def run(opts: Options) -> list[Row]:
     rows: list[Row] = []
     try:
         for name in opts.scenarios:
-            if name.startswith("baseline"):
+            if name in BASELINES or name in FLOORS:
                 rows.append(run_one(name, wrk, opts, rundir, get_moto))
                 continue
             for workers in opts.workers:  # side by side: 1 and 2 workers minutes apart
@@ -568,12 +623,33 @@ def set_ratios(rows: list[Row]) -> None:
     base = next((r for r in rows if r.scenario == "baseline" and r.rps), None)
     if base is None:
         print("no baseline in this run: no ratios", flush=True)
+        set_floor_figures(rows)
         return
     for row in rows:
         if row.rps is not None:
             row.ratio = row.rps / base.rps  # type: ignore[operator]
         if row.cpu_us_per_req and base.cpu_us_per_req:
             row.cpu_ratio = base.cpu_us_per_req / row.cpu_us_per_req
+    set_floor_figures(rows)
+
+
+def set_floor_figures(rows: list[Row]) -> None:
+    """Each estat row against the httptools floor that answered the same
+    body in this run: CPU per request over the floor's, and what estat
+    itself spent per event it accepted: its CPU less the floor's CPU per
+    request for each request, over the events accepted in the run. With
+    every request accepted that is (CPU µs/req - floor's) / events per
+    request; requests refused (503) still cost estat CPU, which this charges
+    to the events that were accepted."""
+    floors = {r.scenario: r for r in rows if r.store == "-" and r.cpu_us_per_req}
+    for row in rows:
+        floor = floors.get(floor_of(row.scenario)) if row.store != "-" else None
+        if floor is None or not row.cpu_us_per_req or floor.cpu_us_per_req is None:
+            continue
+        row.floor_ratio = row.cpu_us_per_req / floor.cpu_us_per_req
+        if row.cpu_s is not None and row.requests and row.run_events:
+            row.estat_us_per_event = ((row.cpu_s * 1e6 - floor.cpu_us_per_req * row.requests)
+                                      / row.run_events)
 
 
 def durable_vs_memory(rows: list[Row]) -> None:
