@@ -8,6 +8,7 @@ The handlers are plain functions of an `IngestRequest` returning an
 from __future__ import annotations
 
 import time
+from itertools import repeat
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import parse_qs
 
@@ -23,7 +24,7 @@ from estat.lifecycle import Lifecycle
 from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
 from estat.model import Event, events_of
 from estat.pipeline.queue import EventQueue
-from estat.validate import body_error
+from estat.validate import all_objects, body_error, is_utf8
 
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
 _MULTIPART = b"multipart/"
@@ -276,8 +277,18 @@ class Collect:
         return state.admit([body], segment)
 
     def _collect_lines(self, body: bytes, segment: str) -> MaybeAnswer:
-        """An NDJSON batch: one event per line, blank lines ignored."""
+        """An NDJSON batch: one event per line, blank lines ignored. The
+        common body (LF line ends, no blank line, every line an object
+        within the size limit) is checked whole; any other goes line by
+        line, which also names the line that is wrong."""
         state = self.state
+        if state.validate_json and b"\r" not in body:
+            lines = body.split(b"\n")
+            if lines[-1] == b"":
+                lines.pop()
+            if (lines and max(map(len, lines)) <= self.max_event_bytes
+                    and all_objects(lines)):
+                return self.admit_batch(lines, segment)
         events = []
         for number, line in enumerate(body.split(b"\n"), 1):
             if line.endswith(b"\r"):
@@ -301,11 +312,15 @@ class Collect:
         state = self.state
         try:
             events = list(map(bytes, _array_of_raw.decode(body)))
-        except msgspec.DecodeError as error:
+        except (msgspec.DecodeError, RecursionError) as error:
             state.count_rejected("invalid_json")
             return Answer(400, error_body("invalid_json", detail=str(error),
                                           expected="a JSON array of objects"))
         validate = state.validate_json
+        if (validate and events and max(map(len, events)) <= self.max_event_bytes
+                and all(map(bytes.startswith, events, repeat(b"{"))) and is_utf8(body)):
+            # msgspec checked every element; each is an object, in UTF-8.
+            return self.admit_batch(events, segment)
         for number, event in enumerate(events, 1):
             if len(event) > self.max_event_bytes:
                 return self._event_too_large("element", number)

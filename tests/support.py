@@ -335,7 +335,7 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
                        max_batch_events=max_batch_events,
                        more=sdk_routes(state, sdk_settings, clock)),
         limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock,
-        answer_headers=state.cors_headers)
+        answer_headers=state.cors_headers, has_room=lambda: state.queue.room() > 0)
     listener.doStart()
     return Listening(listener, queue, state, metrics.registry, clock)
 

@@ -138,6 +138,40 @@ class CollectTests(ListenerTestCase):
         self.assertEqual(len(list(self.queue)), 3)
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 2)
 
+    def test_with_the_queue_full_a_body_is_not_read_and_the_connection_stays(self):
+        """With no room left, a request's body is skipped unread (not
+        inflated, not parsed: a broken body gets the same 503), and the
+        next request on the connection is answered in turn."""
+        from estat.http import request as request_module
+
+        inflated: list[bytes] = []
+        original = request_module.IngestRequest.add_body
+        self.patch(request_module.IngestRequest, "add_body",
+                   lambda request, data: (inflated.append(data), original(request, data)))
+        client = Exchange(self.listener)
+        for i in range(3):
+            client.send(post_bytes(b'{"n":%d}' % i))
+        read_before = len(inflated)
+        client.send(post_bytes(b'{"broken', extra=b"Content-Encoding: gzip\r\n"))
+        client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = client.responses()
+        self.assertEqual([a[0] for a in answers], [202, 202, 202, 503, 200])
+        self.assertEqual(json.loads(answers[3][2])["error"], "queue_full")
+        self.assertEqual(answers[3][1][b"retry-after"], b"1")
+        self.assertEqual(len(inflated), read_before)
+        self.assertFalse(client.transport.disconnecting)
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 1)
+
+    def test_with_the_queue_full_an_expect_100_continue_is_answered_at_once(self):
+        client = Exchange(self.listener)
+        for i in range(3):
+            client.send(post_bytes(b'{"n":%d}' % i))
+        client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 9\r\nExpect: 100-continue\r\n\r\n")
+        answers = client.responses()
+        self.assertEqual([a[0] for a in answers], [202, 202, 202, 503])
+        self.assertTrue(client.transport.disconnecting)
+
     def test_draining_server_answers_503_shutting_down(self):
         self.state.lifecycle.start_draining()
         [(code, headers, answer)] = self.exchange(post_bytes(b'{"a":1}'))

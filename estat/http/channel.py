@@ -90,6 +90,8 @@ Handler = Callable[[IngestRequest], Union[Answer, "Deferred[Answer]"]]
 AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
 _RETRY_AFTER = ((b"retry-after", b"1"),)
 _FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
+_QUEUE_FULL = "the event queue is full: retry after Retry-After seconds"
+_QUEUE_FULL_ANSWER = Answer(503, error_body("queue_full", detail=_QUEUE_FULL))
 _BAD_REQUEST = ("not a well-formed HTTP/1.1 request (framing, or both Content-Length and "
                 "Transfer-Encoding)")
 
@@ -113,6 +115,7 @@ class IngestChannel(Protocol):
         self.lifecycle = listener.lifecycle
         self.budget = listener.budget
         self._share = 0  # bytes of the budget the request being received holds
+        self._skipping = False  # its body is not read: the answer is 503 queue_full
         self.parser = HttpRequestParser(self)
         self._upgrade: Optional[IngestRequest] = None  # a request whose Upgrade is ignored
         # The connection.
@@ -333,14 +336,28 @@ class IngestChannel(Protocol):
             share = int(declared)
         else:
             share = min(_FIRST_SHARE, request.limit)
+        expect = self._headers.get(b"expect")
+        continues = expect is not None and expect.lower() == b"100-continue"
+        has_body = (b"transfer-encoding" in self._headers
+                    or (declared is not None and int(declared) > 0))
+        if has_body and not self.factory.has_room():
+            # Its events would get 503 queue_full: do not inflate and parse
+            # a body that cannot be taken. Its bytes are skipped as they
+            # arrive and the connection stays open; a client waiting for
+            # 100 Continue is answered now (and closed: it may send anyway).
+            if continues:
+                self._refuse(503, "queue_full", _RETRY_AFTER, detail=_QUEUE_FULL)
+            self._skipping = True
+            return
         if share:
             self._take_share(share)
-        expect = self._headers.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
+        if continues:
             self._out.append(_CONTINUE)
             self._flush()
 
     def on_body(self, data: bytes) -> None:
+        if self._skipping:
+            return
         request = self._request
         assert request is not None
         try:
@@ -385,6 +402,12 @@ class IngestChannel(Protocol):
             return
         self._in_message = False
         self._request = None
+        if self._skipping:
+            self._skipping = False
+            self.counters.count_rejected("queue_full")
+            self._answer(request, _QUEUE_FULL_ANSWER._replace(
+                headers=_RETRY_AFTER + self.factory.answer_headers(request.headers)))
+            return
         request.body_complete()
         try:
             answer = self.handler(request)
@@ -394,6 +417,11 @@ class IngestChannel(Protocol):
             answer = Answer(500, error_body("internal_error"))
         if self._share:
             self._give_back()  # what was accepted is counted by the queue now
+        self._answer(request, answer)
+
+    def _answer(self, request: IngestRequest, answer: "Answer | Deferred[Answer]") -> None:
+        """Write `answer` now, or in its turn once those before it are
+        ready; raise _Stop when it closes the connection."""
         keep_alive = self.parser.should_keep_alive()
         if isinstance(answer, Deferred) or self._waiting:
             if self._answer_later(request, answer, keep_alive):
@@ -584,9 +612,11 @@ class IngestListener(Factory):
 
     def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
                  lifecycle: Lifecycle, reactor: IReactorTime,
-                 answer_headers: AnswerHeaders = lambda headers: ()) -> None:
+                 answer_headers: AnswerHeaders = lambda headers: (),
+                 has_room: Callable[[], bool] = lambda: True) -> None:
         self.handler = handler
         self.answer_headers = answer_headers
+        self.has_room = has_room  # False: a request with a body is refused unread
         self.budget = BodyBudget(limits.max_receiving_bytes)
         self.limits = limits
         self.counters = counters
