@@ -20,7 +20,7 @@ import time
 import zlib
 from itertools import repeat
 from operator import itemgetter
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, cast
 
 from isal import isal_zlib
 
@@ -31,6 +31,9 @@ from estat.validate import body_error
 # ratio on JSON (bench: see the commit that chose it).
 GZIP_LEVEL = 1
 GZIP_WBITS = 31  # gzip container, not raw deflate or zlib
+# What a corrupt stream raises, from stdlib zlib or from isal.
+INFLATE_ERRORS: tuple[type[BaseException], ...] = (
+    zlib.error, cast("type[BaseException]", isal_zlib.error))
 
 
 # A line's `ts` is epoch seconds with the milliseconds as three decimals,
@@ -63,7 +66,7 @@ def raw_line(ts_ms: int, body: bytes, error: str) -> bytes:
 # per 8 MiB batch, and every answer waited: p99 went from 1 to 10 ms at each
 # flush. So the common case is built by a few C-level list operations, a
 # slice of about 512 KiB at a time, gzip'd a slice at a time, and inflated
-# for verification by stdlib zlib (which runs without the GIL). Slices are
+# for verification by isal's inflater (which runs without the GIL). Slices are
 # sized in bytes, and the thread does not give the GIL back on purpose
 # (time.sleep(0)) between them: each time it gets the GIL back from a busy
 # reactor can take up to 5 ms (sys.getswitchinterval); with 256-event slices
@@ -86,7 +89,13 @@ def _fast_text(events: list[Event]) -> Optional[bytes]:
     `event_line` must turn them into spaces)."""
     count = len(events)
     pieces = [_LINE_END] * (3 * count)
-    pieces[0::3] = map(_LINE_START, map(divmod, map(_ts_of, events), _THOUSANDS))
+    times = list(map(_ts_of, events))
+    moments = set(times)  # a request's events share theirs: few to format
+    if len(moments) * 4 < count:
+        starts = {ts: _LINE_START(divmod(ts, 1000)) for ts in moments}
+        pieces[0::3] = map(starts.__getitem__, times)
+    else:
+        pieces[0::3] = map(_LINE_START, map(divmod, times, _THOUSANDS))
     pieces[1::3] = map(_body_of, events)
     text = b"".join(pieces)
     if text.count(b"\n") != count or b"\r" in text:
@@ -130,8 +139,9 @@ def _gzip_texts(texts: Iterable[bytes]) -> tuple[bytes, int]:
 def verify_gzip(data: bytes, uncompressed_bytes: int) -> None:
     """Raise ValueError unless `data` is one complete gzip member whose CRC
     and length trailer match and which inflates to `uncompressed_bytes`.
-    Inflated by stdlib zlib (the decoder readers use, not the encoder's),
-    a megabyte at a time and thrown away."""
+    Inflated by isal's inflater (igzip_inflate: other code than the
+    deflate that wrote it, and 3 times faster than stdlib zlib here: 9.5
+    against 30 ms for 12 MB), a megabyte at a time and thrown away."""
     verify_gzip_stream([data], uncompressed_bytes)
 
 
@@ -141,7 +151,7 @@ def verify_gzip_stream(chunks: Iterable[bytes], uncompressed_bytes: int,
     time (a file a piece at a time: only a chunk and a megabyte of output
     are ever in memory). Returns the number of lines (LF) inflated when
     `count_lines`, else 0."""
-    inflater = zlib.decompressobj(GZIP_WBITS)
+    inflater = isal_zlib.decompressobj(GZIP_WBITS)
     size = lines = 0
     pieces = iter(chunks)
     try:
@@ -160,7 +170,7 @@ def verify_gzip_stream(chunks: Iterable[bytes], uncompressed_bytes: int,
                 break  # all input used, no trailer: truncated
             size += len(out)
             lines += out.count(b"\n") if count_lines else 0
-    except zlib.error as error:
+    except INFLATE_ERRORS as error:
         raise ValueError(f"gzip stream is corrupt: {error}") from None
     if size > uncompressed_bytes:
         raise ValueError(f"gzip stream inflates to over {uncompressed_bytes} bytes")

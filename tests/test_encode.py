@@ -239,3 +239,16 @@ class EncodeProperties(unittest.TestCase):
         for ts, body in recovered:
             if body is not None:
                 self.assertEqual(body, bodies[ts - TS])
+
+
+class FastTextTests(unittest.TestCase):
+    def test_lines_are_event_lines_whether_times_repeat_or_not(self):
+        from estat.codec import _fast_text, event_line
+        from estat.model import Event
+
+        bodies = [b'{"n":%d}' % n for n in range(40)]
+        for times in ([1_700_000_000_123] * 40, [1_700_000_000_000 + n for n in range(40)],
+                      [1_700_000_000_007 + (n // 10) * 1000 for n in range(40)]):
+            events = [Event(ts, body) for ts, body in zip(times, bodies)]
+            self.assertEqual(_fast_text(events),
+                             b"".join(event_line(ts, body) for ts, body in zip(times, bodies)))

@@ -20,15 +20,13 @@ from typing import IO, Mapping, Optional, Protocol, cast
 import zstandard
 from isal import isal_zlib
 
-from estat.codec import GZIP_WBITS
+from estat.codec import GZIP_WBITS, INFLATE_ERRORS
 from estat.http.zstdframes import ZstdFrames
 
 NDJSON = b"application/x-ndjson"
 _WHITESPACE = b" \t\r\n"
 _ZSTD_WRITE_BYTES = 64 * 1024  # the most zstd inflates between two limit checks
 _NO_PATH_LIMITS: Mapping[bytes, int] = {}
-_INFLATE_ERRORS: tuple[type[BaseException], ...] = (
-    zlib.error, cast("type[BaseException]", isal_zlib.error))
 
 
 class TooLarge(Exception):
@@ -98,7 +96,7 @@ class _Zlib:
                         raise BadEncoding()
                 else:
                     data = self._inflater.unconsumed_tail
-        except _INFLATE_ERRORS:
+        except INFLATE_ERRORS:
             raise BadEncoding() from None
         return b"".join(out)
 
