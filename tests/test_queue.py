@@ -3,6 +3,8 @@ and bytes, and FIFO takes bounded by count and bytes."""
 
 from __future__ import annotations
 
+import random
+
 from twisted.trial import unittest
 
 from estat.model import Event, events_of
@@ -84,3 +86,31 @@ class TakeTests(unittest.TestCase):
         self.queue.take(2, 1000)
         self.assertEqual(self.queue.room(), 2)
         self.assertTrue(self.queue.offer(sized(1, 1)))
+
+
+class TakeCutTests(unittest.TestCase):
+    """`take`'s cut (found by bisection) is the one a walk over the events
+    gives, for any mix of offers and takes, sizes and budgets."""
+
+    def test_take_matches_a_walk_over_the_events(self):
+        rng = random.Random(7)
+        queue = EventQueue(10_000, max_bytes=50_000)
+        mirror: list[Event] = []
+        for step in range(2000):
+            if rng.random() < 0.6:
+                events = [Event(step, b"x" * rng.choice((0, 1, 5, 40, 300)))
+                          for _ in range(rng.randint(1, 6))]
+                if queue.offer(events):
+                    mirror.extend(events)
+            else:
+                max_events, max_bytes = rng.randint(0, 8), rng.choice((0, 1, 10, 100, 1000))
+                size = taken = 0
+                while taken < min(max_events, len(mirror)):
+                    size += len(mirror[taken].body)
+                    taken += 1
+                    if size >= max_bytes:
+                        break
+                expected, mirror[:taken] = mirror[:taken], []
+                self.assertEqual(queue.take(max_events, max_bytes), expected)
+            self.assertEqual(queue.bytes, sum(len(e.body) for e in mirror))
+            self.assertEqual(len(queue), len(mirror))

@@ -9,6 +9,8 @@ and two counters, cheap enough for the per-request path."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from itertools import accumulate, islice
 from operator import itemgetter
 from typing import Iterator, Optional
 
@@ -28,6 +30,11 @@ class EventQueue:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._events: list[Event] = []
+        # The running total of body sizes at the end of each queued event
+        # (counted from when the queue was made), so `take` finds its cut
+        # by bisection instead of a Python loop over the events.
+        self._ends: list[int] = []
+        self._taken_bytes = 0  # the running total before the oldest event
 
     def __len__(self) -> int:
         return len(self._events)
@@ -54,6 +61,12 @@ class EventQueue:
         if self.max_bytes is not None and self.bytes + size > self.max_bytes:
             return False
         queued.extend(events)
+        ends = self._ends
+        start = self._taken_bytes + self.bytes
+        if len(events) == 1:
+            ends.append(start + size)
+        else:
+            ends.extend(islice(accumulate(map(len, map(_body, events)), initial=start), 1, None))
         self.bytes += size
         return True
 
@@ -64,14 +77,14 @@ class EventQueue:
         large it is, as long as `max_events` is at least one)."""
         queued = self._events
         limit = min(max_events, len(queued))
-        size = 0
-        taken = 0
-        while taken < limit:
-            size += len(queued[taken][1])
-            taken += 1
-            if size >= max_bytes:
-                break
+        if limit <= 0:
+            return []
+        ends = self._ends
+        taken = min(limit, bisect_left(ends, self._taken_bytes + max_bytes, 0, limit) + 1)
+        end = ends[taken - 1]
         events = queued[:taken]
         del queued[:taken]
-        self.bytes -= size
+        del ends[:taken]
+        self.bytes -= end - self._taken_bytes
+        self._taken_bytes = end
         return events
