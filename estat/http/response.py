@@ -53,10 +53,40 @@ class _HttpDate:
 http_date = _HttpDate()
 
 
+class _Plain:
+    """The bytes of answers without extra headers (the common 202s), built
+    once per second (the Date changes) and at most `size` of them."""
+
+    size = 64
+
+    def __init__(self) -> None:
+        self.date = b""
+        self.answers: dict[tuple[int, bytes], bytes] = {}
+
+
+_plain = _Plain()
+
+
 def response(code: int, body: bytes, headers: Headers = (),
              close: bool = False, head_only: bool = False) -> bytes:
     """A whole HTTP/1.1 response with a JSON body (without the body itself
     when answering HEAD). A 204 has neither body nor length."""
+    if headers or close or head_only:
+        return _build(code, body, headers, close, head_only)
+    date = http_date()
+    if date is not _plain.date:
+        _plain.date = date
+        _plain.answers.clear()
+    answer = _plain.answers.get((code, body))
+    if answer is None:
+        answer = _build(code, body)
+        if len(_plain.answers) < _plain.size:
+            _plain.answers[code, body] = answer
+    return answer
+
+
+def _build(code: int, body: bytes, headers: Headers = (),
+           close: bool = False, head_only: bool = False) -> bytes:
     head = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (code, PHRASES.get(code, b"Unknown"),
                                                   http_date())]
     if code != 204:
