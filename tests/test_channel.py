@@ -321,3 +321,20 @@ class ResponseTests(unittest.TestCase):
         [(code, headers, body)] = Exchange.parse(raw_error(431, "headers_too_large", max_headers=5))
         self.assertEqual((code, headers[b"connection"]), (431, b"close"))
         self.assertEqual(json.loads(body), {"error": "headers_too_large", "max_headers": 5})
+
+
+class PlainAnswerCacheTests(unittest.TestCase):
+    def test_a_kept_answer_carries_the_current_date(self):
+        """The bytes of a plain answer are kept for as long as the Date
+        header is the same, and made anew when it changes."""
+        from estat.http import response as module
+
+        now = [1_800_000_000.2]
+        self.patch(module.time, "time", lambda: now[0])
+        first = module.response(202, b'{"status":"accepted"}\n')
+        self.assertIs(module.response(202, b'{"status":"accepted"}\n'), first)
+        now[0] += 1
+        later = module.response(202, b'{"status":"accepted"}\n')
+        self.assertNotEqual(later, first)
+        self.assertIn(b"Date: " + module.http_date() + b"\r\n", later)
+        self.assertEqual(later, module._build(202, b'{"status":"accepted"}\n'))
