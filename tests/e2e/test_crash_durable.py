@@ -49,6 +49,22 @@ def kill_hard(server: EstatServer) -> None:
     server.proc.process.wait(10)
 
 
+def _busy_worker(server: EstatServer) -> Optional[int]:
+    """The pid of a worker that has accepted events, if one has."""
+    assert server.proc is not None
+    accepted = server.metrics()
+    for pid in _children(server.proc.process.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        index = argv[3].decode() if len(argv) > 3 else ""
+        if accepted.get(f'estat_events_accepted_total{{worker="{index}"}}', 0) > 0:
+            return pid
+    return None
+
+
 def wal_segments(directory: str) -> list[str]:
     """Every segment file under WAL_DIR (its worker subfolders included)."""
     found = []
@@ -257,8 +273,11 @@ class CrashDurableWithWorkers(CrashDurable):
         done = load.start()
         yield poll_until(lambda: load.sent >= random.randint(300, 1500), 30,
                          what="events sent")
-        [victim, *_] = _children(server.proc.process.pid)
-        os.kill(victim, signal.SIGKILL)
+        # The kernel may hand every connection to one worker: kill one
+        # that has accepted events, so that it has a log to replay.
+        yield poll_until(lambda: _busy_worker(server) is not None, 30,
+                         what="a worker that accepted events")
+        os.kill(_busy_worker(server), signal.SIGKILL)
         yield poll_until(lambda: harness.metric("estat_wal_replayed_events_total") > 0, 30,
                          what="the restarted worker to replay its log")
         yield load.stop()
