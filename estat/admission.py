@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from estat.http.response import Answer, error_body
 from estat.lifecycle import Lifecycle
-from estat.model import Event
+from estat.model import Event, body_of
 from estat.pipeline.queue import EventQueue
 from estat.wal.ledger import Ledger
 from estat.wal.segment import events_record
@@ -26,7 +26,6 @@ from estat.wal.writer import Position, WalFull, WalWriter
 RETRY_AFTER = (b"retry-after", b"1")
 _MAX_HEADROOM = 1 << 20
 MaybeAnswer = Union[Answer, "Deferred[Answer]"]
-
 
 
 class AdmissionState(Protocol):
@@ -133,7 +132,7 @@ class DurableAdmission:
                                else "starting", protocol)
         queue = state.queue
         count = len(events)
-        size = sum(len(event.body) for event in events)
+        size = sum(map(len, map(body_of, events)))
         if (queue.room() - self._reserved < count
                 or (queue.max_bytes is not None
                     and queue.bytes + self._reserved_bytes + size > queue.max_bytes)):

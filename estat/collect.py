@@ -8,7 +8,6 @@ The handlers are plain functions of an `IngestRequest` returning an
 from __future__ import annotations
 
 import time
-from itertools import repeat
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import parse_qs
 
@@ -16,7 +15,7 @@ import msgspec
 from prometheus_client import Counter
 from twisted.internet.defer import Deferred
 
-from estat.admission import RETRY_AFTER, Admission, MaybeAnswer, MemoryAdmission
+from estat.admission import RETRY_AFTER, Admission, MaybeAnswer, MemoryAdmission, unavailable
 from estat.auth import WriteKeys
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, Headers, error_body
@@ -24,7 +23,7 @@ from estat.lifecycle import Lifecycle
 from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
 from estat.model import Event, events_of
 from estat.pipeline.queue import EventQueue
-from estat.validate import all_objects, body_error, is_utf8
+from estat.validate import RAW_ARRAY, all_objects, all_start_objects, body_error, is_utf8
 
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
 _MULTIPART = b"multipart/"
@@ -132,6 +131,16 @@ class IngestState:
         return self.admission.admit(events, accepted, protocol)
 
 
+def full_queue_refusal(state: IngestState) -> Optional[Answer]:
+    """The 503 queue_full a request with a body gets before its body is read
+    (counted), when the event queue has no room for even one event; else
+    None. The listener asks this, so that what is refused costs no inflating
+    or parsing."""
+    if state.queue.room() > 0:
+        return None
+    return unavailable(state, "queue_full")
+
+
 _ALLOW = (b"allow", b"POST, OPTIONS")
 _UNAUTHORIZED = (b"www-authenticate", b'Bearer realm="estat-ingest"')
 _CORS_ALLOWED = ((b"access-control-allow-credentials", b"true"),
@@ -143,7 +152,6 @@ _KEY_EXPECTED = "a write key: Authorization: Bearer <key>, X-Write-Key: <key> or
 _ONE_EVENT = ("one JSON object; several events as application/x-ndjson (one object per "
               "line) or a JSON array of objects")
 _ENCODINGS = "Content-Encoding gzip, deflate, zstd or none"
-_array_of_raw = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _query_key(query: bytes) -> Optional[bytes]:
@@ -311,14 +319,14 @@ class Collect:
         of that element as they arrived (never re-serialized)."""
         state = self.state
         try:
-            events = list(map(bytes, _array_of_raw.decode(body)))
+            events = list(map(bytes, RAW_ARRAY.decode(body)))
         except (msgspec.DecodeError, RecursionError) as error:
             state.count_rejected("invalid_json")
             return Answer(400, error_body("invalid_json", detail=str(error),
                                           expected="a JSON array of objects"))
         validate = state.validate_json
         if (validate and events and max(map(len, events)) <= self.max_event_bytes
-                and all(map(bytes.startswith, events, repeat(b"{"))) and is_utf8(body)):
+                and all_start_objects(events) and is_utf8(body)):
             # msgspec checked every element; each is an object, in UTF-8.
             return self.admit_batch(events, segment)
         for number, event in enumerate(events, 1):

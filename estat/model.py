@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from itertools import repeat
+from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple, Optional
 
 
@@ -26,6 +27,11 @@ class Event(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+# Event fields by position, for map() over many events: itemgetter is a
+# little faster than attrgetter.
+ts_of = itemgetter(Event._fields.index("ts"))
+body_of = itemgetter(Event._fields.index("body"))
+segment_of = itemgetter(Event._fields.index("segment"))
 
 
 def events_of(ts: int, bodies: Iterable[bytes], segment: str = "") -> list[Event]:

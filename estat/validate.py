@@ -54,7 +54,8 @@ def strict_body_error(body: bytes) -> Optional[str]:
     return None
 
 
-_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw])
+# A JSON array decoded to its elements' extents only (validated, nothing built).
+RAW_ARRAY = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def is_utf8(data: bytes) -> bool:
@@ -68,6 +69,11 @@ def is_utf8(data: bytes) -> bool:
     return True
 
 
+def all_start_objects(texts: list[bytes]) -> bool:
+    """Each of `texts` begins an object (its first byte is `{`)."""
+    return all(map(bytes.startswith, texts, repeat(b"{")))
+
+
 def all_objects(lines: list[bytes]) -> bool:
     """Whether each of `lines` (none holding a LF) is exactly one JSON
     object, decided for the whole list in a few C calls: msgspec checks
@@ -77,13 +83,13 @@ def all_objects(lines: list[bytes]) -> bool:
     one is: `body_error` line by line decides then, so what msgspec refuses
     and RFC 8259 allows (a lone surrogate escape, deep nesting) still gets
     the spec's verdict."""
-    if not lines or not all(map(bytes.startswith, lines, repeat(b"{"))):
+    if not lines or not all_start_objects(lines):
         return False
     joined = b",".join(lines)
     if not is_utf8(joined):
         return False
     try:
-        values = _RAW_LIST.decode(b"[" + joined + b"]")
+        values = RAW_ARRAY.decode(b"[" + joined + b"]")
     except (msgspec.DecodeError, RecursionError):
         return False
     # Elements are separated by at least the commas put between the lines:

@@ -33,7 +33,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from estat.auth import WriteKeys
-from estat.collect import IngestState, Routes
+from estat.collect import IngestState, Routes, full_queue_refusal
 from estat.config import Settings
 from estat.http.channel import IngestListener
 from estat.http.limits import Limits
@@ -335,7 +335,8 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
                        max_batch_events=max_batch_events,
                        more=sdk_routes(state, sdk_settings, clock)),
         limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock,
-        answer_headers=state.cors_headers, has_room=lambda: state.queue.room() > 0)
+        answer_headers=state.cors_headers,
+        refusal_before_body=lambda: full_queue_refusal(state))
     listener.doStart()
     return Listening(listener, queue, state, metrics.registry, clock)
 

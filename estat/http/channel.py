@@ -90,8 +90,9 @@ Handler = Callable[[IngestRequest], Union[Answer, "Deferred[Answer]"]]
 AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
 _RETRY_AFTER = ((b"retry-after", b"1"),)
 _FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
-_QUEUE_FULL = "the event queue is full: retry after Retry-After seconds"
-_QUEUE_FULL_ANSWER = Answer(503, error_body("queue_full", detail=_QUEUE_FULL))
+# What refuses a request before its body is read (the event queue is
+# full): that answer, counted, or None to read the body.
+RefusalBeforeBody = Callable[[], Optional[Answer]]
 _BAD_REQUEST = ("not a well-formed HTTP/1.1 request (framing, or both Content-Length and "
                 "Transfer-Encoding)")
 
@@ -115,7 +116,7 @@ class IngestChannel(Protocol):
         self.lifecycle = listener.lifecycle
         self.budget = listener.budget
         self._share = 0  # bytes of the budget the request being received holds
-        self._skipping = False  # its body is not read: the answer is 503 queue_full
+        self._skipping: Optional[Answer] = None  # the answer of a body not read
         self.parser = HttpRequestParser(self)
         self._upgrade: Optional[IngestRequest] = None  # a request whose Upgrade is ignored
         # The connection.
@@ -340,14 +341,19 @@ class IngestChannel(Protocol):
         continues = expect is not None and expect.lower() == b"100-continue"
         has_body = (b"transfer-encoding" in self._headers
                     or (declared is not None and int(declared) > 0))
-        if has_body and not self.factory.has_room():
-            # Its events would get 503 queue_full: do not inflate and parse
-            # a body that cannot be taken. Its bytes are skipped as they
-            # arrive and the connection stays open; a client waiting for
-            # 100 Continue is answered now (and closed: it may send anyway).
+        refusal = self.factory.refusal_before_body() if has_body else None
+        if refusal is not None:
+            # Do not inflate and parse a body that cannot be taken: its bytes
+            # are skipped as they arrive and the connection stays open. A
+            # client waiting for 100 Continue is answered now (and closed: it
+            # may send the body anyway).
+            refusal = refusal._replace(
+                headers=refusal.headers + self.factory.answer_headers(self._headers))
             if continues:
-                self._refuse(503, "queue_full", _RETRY_AFTER, detail=_QUEUE_FULL)
-            self._skipping = True
+                self._finish(response(refusal.code, refusal.body, refusal.headers, True),
+                             refusal.code, reason_of(refusal.body), counted=True)
+                raise _Stop()
+            self._skipping = refusal
             return
         if share:
             self._take_share(share)
@@ -356,7 +362,7 @@ class IngestChannel(Protocol):
             self._flush()
 
     def on_body(self, data: bytes) -> None:
-        if self._skipping:
+        if self._skipping is not None:
             return
         request = self._request
         assert request is not None
@@ -402,11 +408,9 @@ class IngestChannel(Protocol):
             return
         self._in_message = False
         self._request = None
-        if self._skipping:
-            self._skipping = False
-            self.counters.count_rejected("queue_full")
-            self._answer(request, _QUEUE_FULL_ANSWER._replace(
-                headers=_RETRY_AFTER + self.factory.answer_headers(request.headers)))
+        if self._skipping is not None:
+            refusal, self._skipping = self._skipping, None
+            self._answer(request, refusal)
             return
         request.body_complete()
         try:
@@ -505,7 +509,9 @@ class IngestChannel(Protocol):
         self._finish(raw_error(code, error, headers, **details), code, error)
         raise _Stop()
 
-    def _finish(self, answer: bytes, code: int, reason: str) -> None:
+    def _finish(self, answer: bytes, code: int, reason: str, counted: bool = False) -> None:
+        """Write the refusal `answer` and close (`counted`: its reason is
+        counted already, by whoever made it)."""
         if self._done:
             return
         self._done = True
@@ -514,7 +520,8 @@ class IngestChannel(Protocol):
         self._give_back()
         self.started = None
         self.counters.count_response(code)
-        self.counters.count_rejected(reason)
+        if not counted:
+            self.counters.count_rejected(reason)
         self._log_refusal(code, reason)
         if self._waiting:  # after the answers still to come, in request order
             self._waiting.append([answer, True])
@@ -613,10 +620,10 @@ class IngestListener(Factory):
     def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
                  lifecycle: Lifecycle, reactor: IReactorTime,
                  answer_headers: AnswerHeaders = lambda headers: (),
-                 has_room: Callable[[], bool] = lambda: True) -> None:
+                 refusal_before_body: RefusalBeforeBody = lambda: None) -> None:
         self.handler = handler
         self.answer_headers = answer_headers
-        self.has_room = has_room  # False: a request with a body is refused unread
+        self.refusal_before_body = refusal_before_body
         self.budget = BodyBudget(limits.max_receiving_bytes)
         self.limits = limits
         self.counters = counters

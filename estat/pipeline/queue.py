@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from itertools import accumulate, islice
-from operator import itemgetter
 from typing import Iterator, Optional
 
-from estat.model import Event
+from estat.model import Event, body_of
 
-_body = itemgetter(1)
 
 
 class EventQueue:
@@ -57,7 +55,7 @@ class EventQueue:
         queued = self._events
         if len(queued) + len(events) > self.capacity:
             return False
-        size = len(events[0][1]) if len(events) == 1 else sum(map(len, map(_body, events)))
+        size = len(events[0][1]) if len(events) == 1 else sum(map(len, map(body_of, events)))
         if self.max_bytes is not None and self.bytes + size > self.max_bytes:
             return False
         queued.extend(events)
@@ -66,7 +64,7 @@ class EventQueue:
         if len(events) == 1:
             ends.append(start + size)
         else:
-            ends.extend(islice(accumulate(map(len, map(_body, events)), initial=start), 1, None))
+            ends.extend(islice(accumulate(map(len, map(body_of, events)), initial=start), 1, None))
         self.bytes += size
         return True
 
