@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from estat.http.response import Answer, error_body
 from estat.lifecycle import Lifecycle
-from estat.model import Event, body_of
+from estat.model import Event, body_of, segment_of, ts_of
 from estat.pipeline.queue import EventQueue
 from estat.wal.ledger import Ledger
 from estat.wal.segment import events_record
@@ -96,10 +96,7 @@ def logged_form(events: list[Event]) -> tuple[bytes, list[Event]]:
     the records hold them. An `E` record carries one receive time and key
     segment; a request whose events have several (an SDK batch written
     with several keys) becomes one record per run, all in one append."""
-    first, last = events[0], events[-1]
-    if len(events) == 1 or ((first.ts, first.segment) == (last.ts, last.segment)
-                            and all(event.segment == first.segment and event.ts == first.ts
-                                    for event in events)):
+    if len(set(map(ts_of, events))) == 1 and len(set(map(segment_of, events))) == 1:
         return events_record(events), events
     runs: dict[tuple[int, str], list[Event]] = {}
     for event in events:
