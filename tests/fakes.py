@@ -72,9 +72,9 @@ class RecordingSpool:
     def __init__(self) -> None:
         self.saved: list[tuple[EncodedObject, StoreError]] = []
 
-    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[None]":
+    def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[bool]":
         self.saved.append((obj, error))
-        return succeed(None)
+        return succeed(True)
 
 
 def sync_encoder(validated: bool = True):  # type: ignore[no-untyped-def]

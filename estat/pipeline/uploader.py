@@ -23,7 +23,7 @@ _log = Logger()
 class Spool(Protocol):
     """Where objects go when the store fails (the dead-letter queue).
     `save` never fails: what it cannot keep it counts and logs, and answers
-    False (a spool answering None counts as keeping it)."""
+    False."""
 
     def save(self, obj: EncodedObject, error: StoreError) -> "Deferred[bool]":
         ...
@@ -177,9 +177,8 @@ class Uploader:
         if self._abandoned:
             return False
         if self._past_deadline:
-            kept = await self.spool.save(obj, RetryableStoreError(
+            return await self.spool.save(obj, RetryableStoreError(
                 "timeout", "ShutdownDeadline", "not uploaded before the shutdown deadline"))
-            return kept is not False
         put = self.store.put(obj)
         self._puts.add(put)
         try:
@@ -209,5 +208,4 @@ class Uploader:
             key=obj.key, events=obj.event_count, store=self.store.name,
             code=error.code, message=error.message,
         )
-        kept = await self.spool.save(obj, error)
-        return kept is not False
+        return await self.spool.save(obj, error)
