@@ -118,14 +118,20 @@ def read_objects(root: str) -> list[tuple[str, list[dict[str, Any]]]]:
 
 
 class Subprocess:
-    """A child process whose output goes to a file kept for failure reports."""
+    """A child process whose output goes to a file kept for failure reports.
+
+    It leads a process group of its own, so that whatever it starts (the
+    workers of `--workers N`) can be found, and killed, once it has exited:
+    a process outliving the test would hold its ports and files into the
+    next one. `left_behind` lists the pids that had to be killed so."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: str, log_path: str) -> None:
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.left_behind: list[int] = []
 
     def output(self) -> str:
         if not self._log.closed:
@@ -143,6 +149,7 @@ class Subprocess:
     @inlineCallbacks
     def wait_exit(self, timeout: float = 30.0):  # type: ignore[no-untyped-def]
         yield poll_until(lambda: not self.running(), timeout, what=f"{self.argv[0]} to exit")
+        self.kill_group_rest()
         self._log.close()
         return self.process.returncode
 
@@ -150,7 +157,31 @@ class Subprocess:
         if self.running():
             self.process.kill()
             self.process.wait()
+        self.kill_group_rest()
         self._log.close()
+
+    def kill_group_rest(self) -> None:
+        """SIGKILL what is left of the process group once its leader has
+        exited, noting the pids in `left_behind`."""
+        group = self.process.pid
+        members = [pid for pid in _pids() if _pgid(pid) == group and pid != group]
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.left_behind.append(pid)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _pgid(pid: int) -> Optional[int]:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 class MotoServer:
@@ -244,10 +275,14 @@ class EstatServer:
 
     @inlineCallbacks
     def stop(self, timeout: float = 60.0):  # type: ignore[no-untyped-def]
-        """SIGTERM and wait; -15 is twistd's clean stop (it re-raises)."""
+        """SIGTERM and wait; -15 is twistd's clean stop (it re-raises). A
+        clean stop ends the workers first: one left running fails."""
         assert self.proc is not None
         self.proc.signal(signal.SIGTERM)
         code = yield self.proc.wait_exit(timeout)
+        if self.proc.left_behind:
+            raise AssertionError(f"processes {self.proc.left_behind} outlived twistd's stop "
+                                 f"(killed):\n{self.proc.output()[-3000:]}")
         return code
 
     def output(self) -> str:

@@ -123,7 +123,9 @@ class Load:
                 response = yield self.http.post(
                     self.url, data=body, headers={"Content-Type": [content_type]},
                     timeout=15, allow_redirects=False, reactor=self.reactor)
-                answer = yield treq.content(response)
+                # treq's timeout ends at the headers: bound the body too,
+                # so that no worker (nor `stop`) can wait for ever.
+                answer = yield treq.content(response).addTimeout(15, self.reactor)
             except Exception as error:  # no answer: the outcome is unknown
                 outcome.error = type(error).__name__
             else:
