@@ -131,12 +131,13 @@ class IngestState:
         return self.admission.admit(events, accepted, protocol)
 
 
-def full_queue_refusal(state: IngestState) -> Optional[Answer]:
-    """The 503 queue_full a request with a body gets before its body is read
-    (counted), when the event queue has no room for even one event; else
-    None. The listener asks this, so that what is refused costs no inflating
-    or parsing."""
-    if state.queue.room() > 0:
+def queue_refusal(state: IngestState, events: int) -> Optional[Answer]:
+    """The 503 queue_full (counted) for a request of at least `events`
+    events when the event queue has no room for them; else None. The
+    listener asks this before a body is read (for one event) and while an
+    NDJSON body arrives (for its lines so far), so that what would be
+    refused costs no inflating or parsing."""
+    if state.queue.room() >= events:
         return None
     return unavailable(state, "queue_full")
 

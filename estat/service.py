@@ -45,7 +45,7 @@ from estat.admin import AdminSite, HealthResource, MetricsPage, ReadyResource
 from estat.admission import Admission, DurableAdmission, MemoryAdmission
 from estat.auth import TokensFileError, WriteKeys
 from estat.codec import encode_batch_safely
-from estat.collect import IngestState, Routes, full_queue_refusal
+from estat.collect import IngestState, Routes, queue_refusal
 from estat.config import Settings
 from estat.dlq.spool import DeadLetterQueue
 from estat.http.channel import IngestListener
@@ -212,7 +212,7 @@ def build(settings: Settings, reactor: IIngestReactor,
                        more=sdk_routes(state, settings, reactor)),
         limits=limits, counters=state, lifecycle=lifecycle, reactor=reactor,
         answer_headers=state.cors_headers,
-        refusal_before_body=lambda: full_queue_refusal(state))
+        queue_refusal=partial(queue_refusal, state))
     metrics.request_bodies_bytes.set_function(lambda: listener.budget.used)
     metrics.request_bodies_max_bytes.set(listener.budget.max_bytes)
     admin_site = AdminSite({

@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry
@@ -33,7 +34,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from estat.auth import WriteKeys
-from estat.collect import IngestState, Routes, full_queue_refusal
+from estat.collect import IngestState, Routes, queue_refusal
 from estat.config import Settings
 from estat.http.channel import IngestListener
 from estat.http.limits import Limits
@@ -371,7 +372,7 @@ def make_listener(*, queue_size: int = 100, now_ms: Callable[[], int] = lambda: 
                        more=sdk_routes(state, sdk_settings, clock)),
         limits=limits, counters=state, lifecycle=state.lifecycle, reactor=clock,
         answer_headers=state.cors_headers,
-        refusal_before_body=lambda: full_queue_refusal(state))
+        queue_refusal=partial(queue_refusal, state))
     listener.doStart()
     return Listening(listener, queue, state, metrics.registry, clock)
 

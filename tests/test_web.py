@@ -162,6 +162,37 @@ class CollectTests(ListenerTestCase):
         self.assertFalse(client.transport.disconnecting)
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 1)
 
+    def test_an_ndjson_body_with_more_lines_than_room_is_skipped_as_it_arrives(self):
+        """Once an NDJSON body has shown more lines than the queue has room
+        for, the rest of it is not read: 503 queue_full, nothing queued,
+        and the connection answers its next request."""
+        from estat.http import request as request_module
+
+        read: list[bytes] = []
+        original = request_module.IngestRequest.add_body
+        self.patch(request_module.IngestRequest, "add_body",
+                   lambda request, data: (read.append(data), original(request, data))[1])
+        client = Exchange(self.listener)
+        client.send(post_bytes(b'{"n":0}'))  # room for 2 more
+        first = b'{"n":1}\n{"n":2}\n{"n":3}\n'
+        request = post_bytes(first + b'{"n":4}\n' * 50, content_type=b"application/x-ndjson")
+        start = len(request) - 50 * 8 - len(first)
+        client.send_in_pieces(request, [start + len(first), start + len(first) + 8])
+        client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = client.responses()
+        self.assertEqual([a[0] for a in answers], [202, 503, 200])
+        self.assertEqual(json.loads(answers[1][2])["error"], "queue_full")
+        self.assertEqual(read[1:], [first], "nothing read after the third line")
+        self.assertEqual([e.body for e in self.queue], [b'{"n":0}'])
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 1)
+
+    def test_an_ndjson_body_within_the_room_is_taken(self):
+        client = Exchange(self.listener)
+        client.send(post_bytes(b'{"n":0}'))
+        client.send(post_bytes(b'{"n":1}\n{"n":2}\n', content_type=b"application/x-ndjson"))
+        self.assertEqual([a[0] for a in client.responses()], [202, 202])
+        self.assertEqual(len(self.queue), 3)
+
     def test_with_the_queue_full_an_expect_100_continue_is_answered_at_once(self):
         client = Exchange(self.listener)
         for i in range(3):

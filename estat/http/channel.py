@@ -90,9 +90,10 @@ Handler = Callable[[IngestRequest], Union[Answer, "Deferred[Answer]"]]
 AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
 _RETRY_AFTER = ((b"retry-after", b"1"),)
 _FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
-# What refuses a request before its body is read (the event queue is
-# full): that answer, counted, or None to read the body.
-RefusalBeforeBody = Callable[[], Optional[Answer]]
+# What refuses a request of at least so many events before (the rest of)
+# its body is read, when the event queue has no room for them: that answer,
+# counted, or None to read on.
+QueueRefusal = Callable[[int], Optional[Answer]]
 _BAD_REQUEST = ("not a well-formed HTTP/1.1 request (framing, or both Content-Length and "
                 "Transfer-Encoding)")
 
@@ -341,19 +342,18 @@ class IngestChannel(Protocol):
         continues = expect is not None and expect.lower() == b"100-continue"
         has_body = (b"transfer-encoding" in self._headers
                     or (declared is not None and int(declared) > 0))
-        refusal = self.factory.refusal_before_body() if has_body else None
+        refusal = self.factory.queue_refusal(1) if has_body else None
         if refusal is not None:
             # Do not inflate and parse a body that cannot be taken: its bytes
             # are skipped as they arrive and the connection stays open. A
             # client waiting for 100 Continue is answered now (and closed: it
             # may send the body anyway).
-            refusal = refusal._replace(
-                headers=refusal.headers + self.factory.answer_headers(self._headers))
             if continues:
+                refusal = self._with_answer_headers(refusal)
                 self._finish(response(refusal.code, refusal.body, refusal.headers, True),
                              refusal.code, reason_of(refusal.body), counted=True)
                 raise _Stop()
-            self._skipping = refusal
+            self._skip_body(refusal)
             return
         if share:
             self._take_share(share)
@@ -370,10 +370,28 @@ class IngestChannel(Protocol):
             request.add_body(data)
         except TooLarge as too_large:
             self._refuse_too_large(too_large)
+        if request.lines:
+            # An NDJSON batch holds at least as many events as complete
+            # lines, but for blank ones: once the queue has no room for
+            # them, the rest is skipped rather than inflated and parsed.
+            refusal = self.factory.queue_refusal(request.lines)
+            if refusal is not None:
+                request.drop_body()
+                self._give_back()
+                self._skip_body(refusal)
+                return
         if request.received > self._share:
             # An inflating or chunked body: take twice as much, up to its limit.
             self._take_share(max(request.received, min(2 * self._share, request.limit))
                              - self._share)
+
+    def _with_answer_headers(self, answer: Answer) -> Answer:
+        return answer._replace(headers=answer.headers + self.factory.answer_headers(self._headers))
+
+    def _skip_body(self, refusal: Answer) -> None:
+        """Skip the rest of this request's body; answer `refusal` once it
+        has all arrived."""
+        self._skipping = self._with_answer_headers(refusal)
 
     def _take_share(self, size: int) -> None:
         """Take `size` more bytes of the body budget for this request, or
@@ -620,10 +638,10 @@ class IngestListener(Factory):
     def __init__(self, *, handler: Handler, limits: Limits, counters: ListenerCounters,
                  lifecycle: Lifecycle, reactor: IReactorTime,
                  answer_headers: AnswerHeaders = lambda headers: (),
-                 refusal_before_body: RefusalBeforeBody = lambda: None) -> None:
+                 queue_refusal: QueueRefusal = lambda events: None) -> None:
         self.handler = handler
         self.answer_headers = answer_headers
-        self.refusal_before_body = refusal_before_body
+        self.queue_refusal = queue_refusal
         self.budget = BodyBudget(limits.max_receiving_bytes)
         self.limits = limits
         self.counters = counters

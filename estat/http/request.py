@@ -173,7 +173,7 @@ class IngestRequest:
 
     __slots__ = ("method", "path", "query", "headers", "media_type", "is_batch", "is_array",
                  "limit", "max_body_size", "max_batch_body_size", "body_problem", "body",
-                 "received", "_chunks", "_inflater", "_sniffing")
+                 "received", "lines", "_chunks", "_inflater", "_sniffing")
 
     def __init__(self, method: bytes, url: bytes, headers: dict[bytes, bytes],
                  max_body_size: int, max_batch_body_size: int,
@@ -184,6 +184,7 @@ class IngestRequest:
         self.body = b""
         self.body_problem: Optional[str] = None
         self.received = 0  # bytes of body so far, inflated
+        self.lines = 0  # LFs so far in an NDJSON body (0 for any other)
         self._chunks: list[bytes] = []
         self._inflater: Optional[_Inflater] = None
         self.max_body_size = max_body_size
@@ -240,7 +241,13 @@ class IngestRequest:
             self._chunks = []
             raise TooLarge(self.limit, self.is_batch or self.is_array)
         self._chunks.append(data)
+        if self.is_batch:
+            self.lines += data.count(b"\n")
         return len(data)
+
+    def drop_body(self) -> None:
+        """Forget the body received so far (the rest is not read)."""
+        self._chunks = []
 
     def _sniff(self, data: bytes) -> None:
         """The first byte that is not whitespace decides between one event
