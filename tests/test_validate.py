@@ -15,7 +15,9 @@ GOOD = [b'{"a":1}', b'{}', b'{"s":"caf\xc3\xa9","n":[1,2.5e3,{"x":null}]}',
 BAD = [b"", b"  ", b"1", b'"s"', b"[]", b'{"a":1}{"b":2}', b'{"a":1},{"b":2}', b'{"a":NaN}',
        b'{"a":Infinity}', b'{"a":"\xff"}', b'{"a":"\xed\xa0\x80"}', b'{"a":1,}', b' {"a":1}',
        b'{"a":1} ', b'{"a":"x\ty"}', b'{"a":01}', b"{", b'{"a":1', b'{"lone":"\\ud800"}',
-       b'{"deep":' + b"[" * 5000 + b"]" * 5000 + b"}"]
+       b'{"deep":' + b"[" * 5000 + b"]" * 5000 + b"}",
+       # two lines that, joined by a comma, read as two whole objects
+       b'{"a":"', b'","b":1},{"c":2}']
 
 
 class AllObjectsTests(unittest.TestCase):
