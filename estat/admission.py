@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from estat.http.response import Answer, error_body
 from estat.lifecycle import Lifecycle
-from estat.model import Event, body_of, segment_of, ts_of
+from estat.model import Chunk, events_in_chunks, sized
 from estat.pipeline.queue import EventQueue
 from estat.wal.ledger import Ledger
 from estat.wal.segment import events_record
@@ -61,10 +61,10 @@ def unavailable(state: AdmissionState, reason: str, protocol: str = "collect") -
 
 
 class Admission(Protocol):
-    def admit(self, events: list[Event], accepted: Answer,
+    def admit(self, chunks: list[Chunk], accepted: Answer,
               protocol: str = "collect") -> MaybeAnswer:
-        """Take a request's events whole or not at all: `accepted` if
-        taken, else a 503; counted under `protocol`."""
+        """Take a request's events (its chunks) whole or not at all:
+        `accepted` if taken, else a 503; counted under `protocol`."""
 
     def full(self) -> Optional[str]:
         """Why requests would be refused now for want of room beyond the
@@ -77,32 +77,28 @@ class MemoryAdmission:
     def __init__(self, state: AdmissionState) -> None:
         self.state = state
 
-    def admit(self, events: list[Event], accepted: Answer,
+    def admit(self, chunks: list[Chunk], accepted: Answer,
               protocol: str = "collect") -> MaybeAnswer:
         state = self.state
         if state.lifecycle.stopping:
             return unavailable(state, "shutting_down", protocol)
-        if not state.queue.offer(events):
+        if not state.queue.offer(chunks):
             return unavailable(state, "queue_full", protocol)
-        state.count_accepted(len(events), protocol)
+        state.count_accepted(events_in_chunks(chunks), protocol)
         return accepted
 
     def full(self) -> Optional[str]:
         return None
 
 
-def logged_form(events: list[Event]) -> tuple[bytes, list[Event]]:
-    """The log records of one request's events, and the events in the order
-    the records hold them. An `E` record carries one receive time and key
-    segment; a request whose events have several (an SDK batch written
-    with several keys) becomes one record per run, all in one append."""
-    if len(set(map(ts_of, events))) == 1 and len(set(map(segment_of, events))) == 1:
-        return events_record(events), events
-    runs: dict[tuple[int, str], list[Event]] = {}
-    for event in events:
-        runs.setdefault((event.ts, event.segment), []).append(event)
-    ordered = [event for run in runs.values() for event in run]
-    return b"".join([events_record(run) for run in runs.values()]), ordered
+def logged_form(chunks: list[Chunk]) -> bytes:
+    """The log records of one request's chunks, in order: an `E` record
+    carries one chunk (one receive time and key segment), so an SDK batch
+    written with several keys becomes one record per key, all in one
+    append."""
+    if len(chunks) == 1:
+        return events_record(chunks[0])
+    return b"".join(map(events_record, chunks))
 
 
 class DurableAdmission:
@@ -121,20 +117,21 @@ class DurableAdmission:
         self._reserved = 0  # events logged, not queued yet
         self._reserved_bytes = 0
 
-    def admit(self, events: list[Event], accepted: Answer,
+    def admit(self, chunks: list[Chunk], accepted: Answer,
               protocol: str = "collect") -> MaybeAnswer:
         state = self.state
         if not state.lifecycle.running:
             return unavailable(state, "shutting_down" if state.lifecycle.stopping
                                else "starting", protocol)
         queue = state.queue
-        count = len(events)
-        size = sum(map(len, map(body_of, events)))
+        chunks = list(map(sized, chunks))
+        count = events_in_chunks(chunks)
+        size = sum(chunk.size for chunk in chunks)
         if (queue.room() - self._reserved < count
                 or (queue.max_bytes is not None
                     and queue.bytes + self._reserved_bytes + size > queue.max_bytes)):
             return unavailable(state, "queue_full", protocol)
-        data, events = logged_form(events)
+        data = logged_form(chunks)
         try:
             written = self.writer.append(data, count)
         except WalFull:
@@ -145,7 +142,7 @@ class DurableAdmission:
         def logged(position: Position) -> Answer:
             self._reserved -= count
             self._reserved_bytes -= size
-            queued = queue.offer(events)
+            queued = queue.offer(chunks)
             assert queued, "the queue refused events it had room reserved for"
             self.ledger.appended(position, count)
             state.count_accepted(count, protocol)

@@ -18,12 +18,15 @@ import binascii
 import re
 import time
 import zlib
-from itertools import repeat
+from bisect import bisect_left
+from itertools import accumulate, repeat
+from operator import itemgetter
 from typing import Iterable, Iterator, Optional, cast
 
 from isal import isal_zlib
 
-from estat.model import Batch, EncodedObject, Event, body_of, object_key, segment_of, ts_of
+from estat.model import (Batch, Chunk, EncodedObject, Event, events_in, events_in_chunks,
+                         object_key, sized)
 from estat.validate import body_error
 
 # isal level 1: about 6x the throughput of zlib level 1 at a slightly better
@@ -63,9 +66,11 @@ def raw_line(ts_ms: int, body: bytes, error: str) -> bytes:
 # Encoding runs on a pool thread while the reactor thread answers requests,
 # and both need the GIL. A Python loop per event there held it for ~12 ms
 # per 8 MiB batch, and every answer waited: p99 went from 1 to 10 ms at each
-# flush. So the common case is built by a few C-level list operations, a
-# slice of about 512 KiB at a time, gzip'd a slice at a time, and inflated
-# for verification by isal's inflater (which runs without the GIL). Slices are
+# flush. So the common case is built with no Python step per event: the
+# events of a chunk share their receive time, so their lines are the
+# bodies joined by `}\n{"ts":…,"body":` (one join per chunk, or per slice
+# of about 512 KiB of a big one), gzip'd a slice at a time, and inflated for
+# verification by isal's inflater (which runs without the GIL). Slices are
 # sized in bytes, and the thread does not give the GIL back on purpose
 # (time.sleep(0)) between them: each time it gets the GIL back from a busy
 # reactor can take up to 5 ms (sys.getswitchinterval); with 256-event slices
@@ -74,28 +79,15 @@ def raw_line(ts_ms: int, body: bytes, error: str) -> bytes:
 _TEXT_SLICE_BYTES = 512 * 1024
 _INFLATE_SLICE_BYTES = 1 << 20
 _LINE_START = (b'{"ts":' + _TS + b',"body":').__mod__  # of (seconds, ms)
-_THOUSANDS = repeat(1000)
 _LINE_END = b"}\n"
 
 
-def _fast_text(events: list[Event]) -> Optional[bytes]:
-    """The JSON Lines of valid events without a writer segment, as
-    `event_line` makes them; None when a body holds CR or LF (then
-    `event_line` must turn them into spaces)."""
-    count = len(events)
-    pieces = [_LINE_END] * (3 * count)
-    times = list(map(ts_of, events))
-    moments = set(times)  # a request's events share theirs: few to format
-    if len(moments) * 4 < count:
-        starts = {ts: _LINE_START(divmod(ts, 1000)) for ts in moments}
-        pieces[0::3] = map(starts.__getitem__, times)
-    else:
-        pieces[0::3] = map(_LINE_START, map(divmod, times, _THOUSANDS))
-    pieces[1::3] = map(body_of, events)
-    text = b"".join(pieces)
-    if text.count(b"\n") != count or b"\r" in text:
-        return None
-    return text
+_THOUSANDS = repeat(1000)
+_ts_of = itemgetter(0)
+_bodies_of = itemgetter(1)
+_first = itemgetter(0)
+_plain_of = itemgetter(3)
+_size_of = itemgetter(4)
 
 
 def _slice_length(count: int, total_bytes: int) -> int:
@@ -103,13 +95,63 @@ def _slice_length(count: int, total_bytes: int) -> int:
     return max(1, _TEXT_SLICE_BYTES * count // max(1, total_bytes))
 
 
-def _texts_of_valid(events: list[Event]) -> Iterator[bytes]:
-    step = _slice_length(len(events), sum(map(len, map(body_of, events))))
-    for start in range(0, len(events), step):
-        part = events[start:start + step]
-        text = _fast_text(part)
-        yield text if text is not None else b"".join(
-            [event_line(ts_ms, body) for ts_ms, body, _ in part])
+def _texts_of_chunks(chunks: list[Chunk]) -> Iterator[bytes]:
+    """The JSON Lines of valid events without a writer segment, as
+    `event_line` makes them: slices of about _TEXT_SLICE_BYTES, each of
+    consecutive chunks, or of part of a chunk bigger than that."""
+    if min(map(_size_of, chunks)) < 0:  # not from the queue (a replay's)
+        chunks = list(map(sized, chunks))
+    ends = list(accumulate(map(_size_of, chunks)))
+    first = 0
+    while first < len(chunks):
+        base = ends[first - 1] if first else 0
+        last = max(first + 1, bisect_left(ends, base + _TEXT_SLICE_BYTES, first))
+        if last == first + 1 and chunks[first].size > _TEXT_SLICE_BYTES:
+            yield from _big_chunk_texts(chunks[first])
+        else:
+            yield _chunks_text(chunks[first:last])
+        first = last
+
+
+def _chunks_text(chunks: list[Chunk]) -> bytes:
+    """The lines of a few chunks, by a few C-level calls per chunk: each
+    chunk's bodies joined between its line start and end."""
+    count = len(chunks)
+    times = list(map(_ts_of, chunks))
+    moments = set(times)  # requests of the same millisecond share theirs
+    if len(moments) * 4 < count:
+        formatted = {ts: _LINE_START(divmod(ts, 1000)) for ts in moments}
+        starts = list(map(formatted.__getitem__, times))
+    else:
+        starts = list(map(_LINE_START, map(divmod, times, _THOUSANDS)))
+    pieces = [_LINE_END] * (3 * count)
+    pieces[0::3] = starts
+    bodies = list(map(_bodies_of, chunks))
+    events = sum(map(len, bodies))
+    if events == count:  # one event each (single-event requests)
+        pieces[1::3] = map(_first, bodies)
+    else:
+        pieces[1::3] = map(bytes.join, map(_LINE_END.__add__, starts), bodies)
+    text = b"".join(pieces)
+    if not all(map(_plain_of, chunks)):
+        if text.count(b"\n") != events or b"\r" in text:
+            return b"".join([event_line(ts, body) for ts, body, _ in events_in(chunks)])
+    return text
+
+
+def _big_chunk_texts(chunk: Chunk) -> Iterator[bytes]:
+    """The lines of one chunk of more than _TEXT_SLICE_BYTES, a slice of
+    its bodies at a time."""
+    ts, bodies = chunk.ts, chunk.bodies
+    start = _LINE_START(divmod(ts, 1000))
+    between = _LINE_END + start
+    step = _slice_length(len(bodies), chunk.size)
+    for first in range(0, len(bodies), step):
+        part = bodies[first:first + step]
+        text = b"".join((start, between.join(part), _LINE_END))
+        if not chunk.plain and (text.count(b"\n") != len(part) or b"\r" in text):
+            text = b"".join([event_line(ts, body) for body in part])
+        yield text
 
 
 def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:
@@ -180,18 +222,17 @@ def verify_gzip_stream(chunks: Iterable[bytes], uncompressed_bytes: int,
     return lines
 
 
-def _encoded(
-    texts: Iterable[bytes], events: list[Event], key: str, batch: Batch, kind: str
-) -> EncodedObject:
+def _encoded(texts: Iterable[bytes], count: int, first_ts_ms: int, last_ts_ms: int,
+             key: str, batch: Batch, kind: str) -> EncodedObject:
     data, size = _gzip_texts(texts)
     verify_gzip(data, size)
     return EncodedObject(
         key=key,
         data=data,
-        event_count=len(events),
+        event_count=count,
         uncompressed_bytes=size,
-        first_ts_ms=events[0].ts,
-        last_ts_ms=events[-1].ts,
+        first_ts_ms=first_ts_ms,
+        last_ts_ms=last_ts_ms,
         batch_id=batch.batch_id,
         kind=kind,
     )
@@ -210,14 +251,26 @@ def encode_batch(
     when some bodies are not valid JSON objects, raw objects. `validated`
     says every body was already checked on arrival, so the check is skipped
     here; `all_raw_reason` sends every event to the raw objects."""
-    events = batch.events
-    if validated and all_raw_reason is None and events and not any(map(segment_of, events)):
-        # The common case: every body checked on arrival, no writer segment.
-        key = object_key(prefix, batch.first_ts_ms, host_id, batch.batch_id)
-        return [_encoded(_texts_of_valid(events), events, key, batch, "events")]
+    first = batch.first_ts_ms
+    if validated and all_raw_reason is None:
+        # The common case: every body checked on arrival. One object per
+        # writer segment, in the order the segments first appear.
+        by_segment: dict[str, list[Chunk]] = {}
+        for chunk in batch.chunks:
+            by_segment.setdefault(chunk.segment, []).append(chunk)
+        if len(by_segment) == 1:
+            by_segment = {batch.chunks[0].segment: batch.chunks}
+        objects = []
+        for segment, chunks in by_segment.items():
+            key_prefix = f"{prefix}/{segment}" if segment else prefix
+            key = object_key(key_prefix, first, host_id, batch.batch_id)
+            count = events_in_chunks(chunks)
+            objects.append(_encoded(_texts_of_chunks(chunks), count, chunks[0].ts,
+                                    chunks[-1].ts, key, batch, "events"))
+        return objects
     good: dict[str, tuple[list[bytes], list[Event]]] = {}
     raw: dict[str, tuple[list[bytes], list[Event]]] = {}
-    for event in events:
+    for event in batch.events:
         ts_ms, body, segment = event
         if all_raw_reason is not None:
             error: Optional[str] = all_raw_reason
@@ -231,12 +284,12 @@ def encode_batch(
             lines.append(raw_line(ts_ms, body, error))
         group.append(event)
     objects = []
-    first = batch.first_ts_ms
     for groups, base, kind in ((good, prefix, "events"), (raw, raw_prefix, "raw")):
         for segment, (lines, group) in groups.items():
             key_prefix = f"{base}/{segment}" if segment else base
             key = object_key(key_prefix, first, host_id, batch.batch_id)
-            objects.append(_encoded(_texts_of_lines(lines), group, key, batch, kind))
+            objects.append(_encoded(_texts_of_lines(lines), len(group), group[0].ts,
+                                    group[-1].ts, key, batch, kind))
     return objects
 
 
@@ -294,14 +347,15 @@ def salvage_object(batch: Batch, raw_prefix: str, host_id: str) -> EncodedObject
     parts are sanitised here), under `{raw_prefix}/dt=…/hour=…/` with no
     writer segment, named like any object of the batch."""
     lines = []
-    for event in batch.events:
+    events = batch.events
+    for event in events:
         lines.append(b'{"ts":%d,"error":"encode_error","body_b64":"%s"}\n' % (
             int(event[0]), binascii.b2a_base64(bytes(event[1]), newline=False)))
     text = b"".join(lines)
     compressor = zlib.compressobj(1, zlib.DEFLATED, GZIP_WBITS)
     data = compressor.compress(text) + compressor.flush()
-    first = int(batch.events[0][0]) if batch.events else 0
-    last = int(batch.events[-1][0]) if batch.events else 0
+    first = int(events[0][0]) if events else 0
+    last = int(events[-1][0]) if events else 0
     moment = time.gmtime(max(0, first) // 1000)
     prefix = "/".join(_safe_part(part) for part in raw_prefix.split("/") if part)
     key = (f"{prefix or 'raw_dlq'}/dt={moment.tm_year:04d}-{moment.tm_mon:02d}-"

@@ -21,7 +21,7 @@ from estat.http.request import IngestRequest
 from estat.http.response import Answer, Headers, error_body
 from estat.lifecycle import Lifecycle
 from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
-from estat.model import Event, events_of
+from estat.model import Chunk
 from estat.pipeline.queue import EventQueue
 from estat.validate import RAW_ARRAY, all_objects, all_start_objects, body_error, is_utf8
 
@@ -113,22 +113,26 @@ class IngestState:
             return ()
         return ((b"access-control-allow-origin", origin),) + _CORS_ALLOWED
 
-    def admit(self, bodies: list[bytes], segment: str) -> MaybeAnswer:
+    def admit(self, bodies: list[bytes], segment: str, plain: bool = False) -> MaybeAnswer:
         """Offer one request's event bodies, received now for one writer,
         all or none: 202 (naming how many, for more than one body), or 503
-        with Retry-After (see `admit_events`)."""
+        with Retry-After (see `admit_chunks`). `plain`: no body holds a CR
+        or LF."""
         if len(bodies) == 1:
-            return self.admit_events([Event(self.now_ms(), bodies[0], segment)], ACCEPTED)
-        return self.admit_events(events_of(self.now_ms(), bodies, segment), Answer(
+            body = bodies[0]
+            return self.admit_chunks([Chunk(self.now_ms(), (body,), segment, plain, len(body))],
+                                     ACCEPTED)
+        chunk = Chunk(self.now_ms(), tuple(bodies), segment, plain, sum(map(len, bodies)))
+        return self.admit_chunks([chunk], Answer(
             202, b'{"status":"accepted","events":%d}\n' % len(bodies)))
 
-    def admit_events(self, events: list[Event], accepted: Answer = ACCEPTED,
+    def admit_chunks(self, chunks: list[Chunk], accepted: Answer = ACCEPTED,
                      protocol: str = "collect") -> MaybeAnswer:
         """The one place every protocol's handler hands events to the
         pipeline, all or none, through `admission` (ACK_MODE's):
         `accepted` once taken (at once, or when a Deferred fires), or 503
         with Retry-After."""
-        return self.admission.admit(events, accepted, protocol)
+        return self.admission.admit(chunks, accepted, protocol)
 
 
 def queue_refusal(state: IngestState, events: int) -> Optional[Answer]:
@@ -297,7 +301,7 @@ class Collect:
                 lines.pop()
             if (lines and max(map(len, lines)) <= self.max_event_bytes
                     and all_objects(lines)):
-                return self.admit_batch(lines, segment)
+                return self.admit_batch(lines, segment, plain=True)
         events = []
         for number, line in enumerate(body.split(b"\n"), 1):
             if line.endswith(b"\r"):
@@ -347,7 +351,8 @@ class Collect:
             "too_large", **{where: number}, max_bytes=self.max_event_bytes,
             detail=f"each event is at most {self.max_event_bytes} bytes (MAX_BODY_SIZE)"))
 
-    def admit_batch(self, events: list[bytes], segment: str) -> MaybeAnswer:
+    def admit_batch(self, events: list[bytes], segment: str,
+                    plain: bool = False) -> MaybeAnswer:
         """Admit one request's events as a batch: 400 when there are none,
         413 over `max_batch_events`, else `IngestState.admit` (all or none).
         Routes for other protocols call this with the bodies they cut."""
@@ -362,7 +367,7 @@ class Collect:
                 "too_many_events", max_events=self.max_batch_events,
                 detail=f"a batch holds at most {self.max_batch_events} events "
                        "(MAX_BATCH_EVENTS): send smaller chunks"))
-        return state.admit(events, segment)
+        return state.admit(events, segment, plain)
 
     def _unsupported(self) -> Answer:
         self.state.count_rejected("unsupported_media_type")

@@ -1,6 +1,9 @@
-"""The values that travel the pipeline: an accepted `Event`, a flushed
-`Batch`, an `EncodedObject` ready to store, and how batches and objects are
-named. Pure data: no I/O, no Twisted.
+"""The values that travel the pipeline: accepted events as `Chunk`s (the
+events of one request, which share a receive time and writer segment), a
+flushed `Batch` of chunks, an `EncodedObject` ready to store, and how
+batches and objects are named. An `Event` is one of a chunk's events on its
+own, for the paths that look at events one by one. Pure data: no I/O, no
+Twisted.
 
 Every object key is built by `object_key` and checked there (`check_key`):
 each `/`-separated part is a plain name, so no key can point above the
@@ -12,7 +15,8 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from itertools import repeat
+from functools import cached_property
+from itertools import groupby, repeat
 from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple, Optional
 
@@ -26,38 +30,100 @@ class Event(NamedTuple):
     segment: str = ""
 
 
+class Chunk(NamedTuple):
+    """Accepted events that share a receive time (ms since the epoch) and a
+    writer segment, in order: one request's, or one writer's part of an SDK
+    batch. The pipeline moves them as chunks, so that no Python object is
+    made per event between the request and its object's text. `plain`
+    says no body holds a CR or LF (NDJSON lines): then the codec frames
+    their lines without looking. `size` is the bodies' total length.
+    `bodies` is a tuple: a chunk then holds nothing the cyclic garbage
+    collector must keep looking at (it stops tracking such tuples), however
+    many wait in the queue."""
+
+    ts: int
+    bodies: tuple[bytes, ...]
+    segment: str = ""
+    plain: bool = False
+    size: int = -1  # -1: not counted yet (see `sized`)
+
+
+def sized(chunk: Chunk) -> Chunk:
+    """`chunk` with its `size` counted."""
+    if chunk.size >= 0:
+        return chunk
+    bodies = chunk.bodies
+    size = len(bodies[0]) if len(bodies) == 1 else sum(map(len, bodies))
+    return chunk._replace(size=size)
+
+
 _new_tuple = tuple.__new__
-# Event fields by position, for map() over many events: itemgetter is a
-# little faster than attrgetter.
-ts_of = itemgetter(Event._fields.index("ts"))
-body_of = itemgetter(Event._fields.index("body"))
-segment_of = itemgetter(Event._fields.index("segment"))
 
 
-def events_of(ts: int, bodies: Iterable[bytes], segment: str = "") -> list[Event]:
-    """Events sharing one receive time and segment (one request's), built
-    without a Python-level call per event."""
-    return list(map(_new_tuple, repeat(Event), zip(repeat(ts), bodies, repeat(segment))))
+def events_in(chunks: Iterable[Chunk]) -> list[Event]:
+    """The events of `chunks`, one by one, in order."""
+    events: list[Event] = []
+    for ts, bodies, segment, _, _ in chunks:
+        events.extend(map(_new_tuple, repeat(Event),
+                          zip(repeat(ts), bodies, repeat(segment))))
+    return events
+
+
+_TIME_AND_SEGMENT = itemgetter(0, 2)
+_bodies_of = itemgetter(1)
+
+
+def events_in_chunks(chunks: list[Chunk]) -> int:
+    """How many events `chunks` hold."""
+    if len(chunks) == 1:
+        return len(chunks[0].bodies)
+    return sum(map(len, map(_bodies_of, chunks)))
+
+
+def chunks_of(events: Iterable[Event]) -> list[Chunk]:
+    """`events` as chunks: each run of events with one receive time and
+    segment becomes one, in order."""
+    return [Chunk(ts, tuple([event[1] for event in run]), segment)
+            for (ts, segment), run in groupby(events, key=_TIME_AND_SEGMENT)]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 @dataclass
 class Batch:
-    """Events flushed together; one batch becomes one object (plus one raw
-    object when some bodies could not be embedded). In durable mode
+    """Chunks of events flushed together; one batch becomes one object (plus
+    one raw object when some bodies could not be embedded). In durable mode
     `wal_span` is the (segment, first ordinal, count) of its events in the
     write-ahead log."""
 
-    events: list[Event]
+    chunks: list[Chunk]
     body_bytes: int
     batch_id: str
     trigger: str
     wal_span: Optional[tuple[int, int, int]] = None
 
+    @classmethod
+    def of_events(cls, events: list[Event], body_bytes: int, batch_id: str, trigger: str,
+                  wal_span: Optional[tuple[int, int, int]] = None) -> "Batch":
+        """A batch of events given one by one (a replay, a test)."""
+        return cls(chunks_of(events), body_bytes, batch_id, trigger, wal_span)
+
+    @property
+    def events(self) -> list[Event]:
+        """The events one by one (made on each call: for the rare paths)."""
+        return events_in(self.chunks)
+
+    @cached_property
+    def event_count(self) -> int:
+        return events_in_chunks(self.chunks)
+
     @property
     def first_ts_ms(self) -> int:
-        return self.events[0].ts
+        return self.chunks[0].ts
+
+    @property
+    def last_ts_ms(self) -> int:
+        return self.chunks[-1].ts
 
 
 @dataclass(frozen=True)

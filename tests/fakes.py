@@ -89,7 +89,7 @@ def make_object(n: int = 0, events: int = 3) -> EncodedObject:
     of `events` JSON events received from TS_MS + n seconds on, in batch
     01HF<n, 22 digits> (so keys are unique and sort by `n`), host HOST_ID."""
     bodies = [Event(TS_MS + n * 1000 + i, b'{"n":%d,"i":%d}' % (n, i)) for i in range(events)]
-    batch = Batch(bodies, sum(len(e.body) for e in bodies), f"01HF{n:022d}", "size")
+    batch = Batch.of_events(bodies, sum(len(e.body) for e in bodies), f"01HF{n:022d}", "size")
     [obj] = encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
                          host_id=HOST_ID)
     return obj

@@ -138,7 +138,7 @@ class AuthenticatedCollectTests(ListenerTestCase):
         self.assertEqual(list(self.queue),
                          [(7, b'{"a":1}', "source=web"), (7, b'{"b":1}', DEFAULT_SEGMENT),
                           (7, b'{"b":2}', DEFAULT_SEGMENT)])
-        objects = encode_batch(Batch(list(self.queue), 0, "ID", "size"), validated=True,
+        objects = encode_batch(Batch.of_events(list(self.queue), 0, "ID", "size"), validated=True,
                                prefix="raw", raw_prefix="raw_dlq", host_id="h")
         keys = {o.key: [json.loads(l)["body"] for l in gzip.decompress(o.data).splitlines()]
                 for o in objects}

@@ -88,7 +88,7 @@ class ChannelTests(ListenerTestCase):
                 + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                   b"Upgrade: websocket\r\n\r\n")
         for cuts in ([], [60, 200, 300], list(range(0, len(data), 7))):
-            self.queue._events.clear()
+            self.queue.take(len(self.queue), 1 << 30)
             client = Exchange(self.listener)
             client.send_in_pieces(data, cuts)
             answers = client.responses()

@@ -495,7 +495,7 @@ class Draining(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
 
     def test_raw_objects_are_spooled_and_reuploaded_like_any_batch(self) -> None:
-        batch = Batch([Event(1_700_000_000_000, b"not json")], 0, "RAWBATCH", "size")
+        batch = Batch.of_events([Event(1_700_000_000_000, b"not json")], 0, "RAWBATCH", "size")
         [raw] = encode_batch(batch, validated=False, prefix="raw", raw_prefix="raw_dlq",
                              host_id="test")
         self.assertEqual(raw.kind, "raw")

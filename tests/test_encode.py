@@ -26,7 +26,7 @@ TS = 1700000000123  # 2023-11-14T22:13:20.123Z
 
 def batch(*bodies: bytes) -> Batch:
     events = [Event(TS + i, body) for i, body in enumerate(bodies)]
-    return Batch(events, sum(len(b) for b in bodies), "01HF0000000000000000000000", "size")
+    return Batch.of_events(events, sum(len(b) for b in bodies), "01HF0000000000000000000000", "size")
 
 
 def lines_of(data: bytes) -> list[bytes]:
@@ -94,7 +94,7 @@ class EncodeTests(unittest.TestCase):
         def broken(events):
             raise RuntimeError("boom")
 
-        self.patch(estat.codec, "_fast_text", broken)
+        self.patch(estat.codec, "_chunks_text", broken)
         [raw] = encode_batch_safely(batch(b'{"a":1}', b'{"b":2}'), validated=True,
                                     prefix="raw", raw_prefix="raw_dlq", host_id="h")
         records = [json.loads(l) for l in lines_of(raw.data)[:-1]]
@@ -134,7 +134,7 @@ class EncodeTests(unittest.TestCase):
         import zlib
 
         events = [Event(TS + i, b'{"n":%d,"pad":"%s"}' % (i, b"x" * (i % 5000))) for i in range(3000)]
-        [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+        [obj] = encode_batch(Batch.of_events(events, 0, "ID", "size"), validated=True, prefix="raw",
                              raw_prefix="raw_dlq", host_id="h")
         text = gzip.decompress(obj.data)
         self.assertGreater(len(text), 3 * 1024 * 1024)
@@ -209,13 +209,13 @@ class EncodeProperties(unittest.TestCase):
         whatever the milliseconds."""
         events = [Event(start + i * step, body) for i, body in enumerate(bodies)]
         expected = b"".join(event_line(ts, body) for ts, body, _ in events)
-        [fast] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+        [fast] = encode_batch(Batch.of_events(events, 0, "ID", "size"), validated=True, prefix="raw",
                               raw_prefix="raw_dlq", host_id="h")
         self.assertEqual(gzip.decompress(fast.data), expected)
         self.assertEqual(fast.uncompressed_bytes, len(expected))
         if segmented:
             events[0] = Event(events[0].ts, bodies[0], "source=web")
-            objects = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+            objects = encode_batch(Batch.of_events(events, 0, "ID", "size"), validated=True, prefix="raw",
                                    raw_prefix="raw_dlq", host_id="h")
             text = b"".join(gzip.decompress(o.data) for o in reversed(objects))
             self.assertEqual(sorted(text.splitlines()), sorted(expected.splitlines()))
@@ -241,14 +241,37 @@ class EncodeProperties(unittest.TestCase):
                 self.assertEqual(body, bodies[ts - TS])
 
 
-class FastTextTests(unittest.TestCase):
-    def test_lines_are_event_lines_whether_times_repeat_or_not(self):
-        from estat.codec import _fast_text, event_line
-        from estat.model import Event
+class ChunkTextTests(unittest.TestCase):
+    """The lines framed a chunk at a time are `event_line`'s, whatever the
+    chunks' times, sizes and bodies."""
+
+    def assert_event_lines(self, chunks: list) -> None:
+        from estat.codec import _texts_of_chunks, event_line
+        from estat.model import events_in, sized
+
+        expected = b"".join(event_line(ts, body) for ts, body, _ in events_in(chunks))
+        self.assertEqual(b"".join(_texts_of_chunks(chunks)), expected)
+        self.assertEqual(b"".join(_texts_of_chunks(list(map(sized, chunks)))), expected)
+
+    def test_whether_times_repeat_or_not(self):
+        from estat.model import Chunk
 
         bodies = [b'{"n":%d}' % n for n in range(40)]
         for times in ([1_700_000_000_123] * 40, [1_700_000_000_000 + n for n in range(40)],
                       [1_700_000_000_007 + (n // 10) * 1000 for n in range(40)]):
-            events = [Event(ts, body) for ts, body in zip(times, bodies)]
-            self.assertEqual(_fast_text(events),
-                             b"".join(event_line(ts, body) for ts, body in zip(times, bodies)))
+            self.assert_event_lines([Chunk(ts, [body]) for ts, body in zip(times, bodies)])
+        self.assert_event_lines([Chunk(1_700_000_000_001, bodies[:7], "", True),
+                                 Chunk(1_700_000_000_002, bodies[7:])])
+
+    def test_bodies_with_line_ends_become_one_line_each(self):
+        from estat.model import Chunk
+
+        self.assert_event_lines([Chunk(1, [b'{"a":\n1}', b'{"b":2}']), Chunk(2, [b'{"c":\r3}']),
+                                 Chunk(3, [b'{"d":4}'], "", True)])
+
+    def test_chunks_bigger_than_a_slice_and_many_small_ones(self):
+        from estat.model import Chunk
+
+        big = [b'{"pad":"%s","n":%d}' % (b"x" * 200, n) for n in range(6000)]  # ~1.3 MB
+        small = [Chunk(1_700_000_000_000 + n, [b'{"s":%d}' % n]) for n in range(30_000)]
+        self.assert_event_lines([Chunk(5, big, "", True), *small, Chunk(6, big + [b'{"\n":1}'])])

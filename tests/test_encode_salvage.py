@@ -27,7 +27,7 @@ BODIES = [b'{"n":%d}' % n for n in range(5)]
 
 def batch_of(bodies: list[Any], segment: str = "source=web") -> Batch:
     events = [Event(1700000000000 + n, body, segment) for n, body in enumerate(bodies)]
-    return Batch(events, 40, "01HFSALVAGE", "size")
+    return Batch.of_events(events, 40, "01HFSALVAGE", "size")
 
 
 class Salvage(unittest.TestCase):

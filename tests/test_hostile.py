@@ -159,7 +159,7 @@ class RequestPathProperties(unittest.TestCase):
             events = list(queue)
             if ctype != b"application/x-ndjson":
                 self.assertEqual(events, [(1, body, "")])
-            [obj] = encode_batch(Batch(events, 0, "ID", "size"), validated=True, prefix="raw",
+            [obj] = encode_batch(Batch.of_events(events, 0, "ID", "size"), validated=True, prefix="raw",
                                  raw_prefix="raw_dlq", host_id="h")
             import gzip
 

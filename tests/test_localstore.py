@@ -27,7 +27,7 @@ class LocalStoreTests(unittest.TestCase):
         self.addCleanup(self.pool.stop)
 
     def obj(self):
-        batch = Batch([Event(1700000000000, b'{"a":1}')], 7, "01ID", "size")
+        batch = Batch.of_events([Event(1700000000000, b'{"a":1}')], 7, "01ID", "size")
         [obj] = encode_batch(batch, validated=True, prefix="raw", raw_prefix="raw_dlq",
                              host_id="h")
         return obj

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.metrics import Metrics
-from estat.model import Event
+from estat.model import Chunk
 from estat.pipeline.batcher import Batcher
 from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Uploader
@@ -43,7 +43,7 @@ class PipelineTests(unittest.TestCase):
     def put(self, n, start=0, size=0):
         for i in range(start, start + n):
             body = json.dumps({"n": i, "pad": "x" * size}).encode()
-            self.queue.offer([Event(1700000000000 + i, body)])
+            self.queue.offer([Chunk(1700000000000 + i, [body])])
 
     def stored_numbers(self):
         numbers = []

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from estat.auth import WriteKeys, parse_tokens
 from estat.config import Settings
-from estat.model import Event
+from estat.model import Chunk
 from estat.sdk.envelope import EnvelopeError, elements, envelope_of, parse, without
 from estat.sdk.handler import basic_username
 from estat.sdk.idempotence import RecentIds, id_key, id_scope
@@ -176,7 +176,7 @@ class SegmentTests(SdkTestCase):
         self.assertEqual(len(self.queue), 2)
 
     def test_a_refused_batch_leaves_no_ids_behind(self):
-        self.queue.offer([Event(1, b"{}")] * 9)
+        self.queue.offer([Chunk(1, [b"{}"] * 9)])
         body = b'{"batch":[{"messageId":"a"},{"messageId":"b"}]}'
         code, headers, answer = self.post(b"/v1/batch", body)
         self.assertEqual((code, json.loads(answer)["error"]), (503, "queue_full"))

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.metrics import Metrics
-from estat.model import Batch, Event, events_of
+from estat.model import Batch, Chunk, Event, events_in
 from estat.wal import segment as seg
 from estat.wal.ledger import Ledger, wal_batch_id
 from estat.wal.recovery import cut_batches
@@ -24,15 +24,19 @@ from estat.wal.writer import Position, WalFull, WalWriteError, WalWriter
 from tests.support import make_workdir
 
 
+def _chunk(ts: int, *bodies: bytes, segment: str = "") -> Chunk:
+    return Chunk(ts, list(bodies), segment)
+
+
 def _events(ts: int, *bodies: bytes, segment: str = "") -> list[Event]:
-    return events_of(ts, list(bodies), segment)
+    return events_in([_chunk(ts, *bodies, segment=segment)])
 
 
 class SegmentFormat(unittest.TestCase):
     def _data(self) -> tuple[bytes, list[int]]:
         """A segment of three records, and where each record begins."""
-        records = [seg.events_record(_events(5, b'{"a":1}')),
-                   seg.events_record(_events(6, b'{"b":2}', b'{"c":3}', segment="shop")),
+        records = [seg.events_record(_chunk(5, b'{"a":1}')),
+                   seg.events_record(_chunk(6, b'{"b":2}', b'{"c":3}', segment="shop")),
                    seg.cut_record(42, 0, 3)]
         starts, at = [], len(seg.HEADER)
         for record in records:
@@ -128,13 +132,13 @@ class GroupCommit(unittest.TestCase):
 
     def _append(self, body: bytes) -> "Deferred[Position]":
         """Append, and let the reactor turn end (the group starts then)."""
-        d = self.writer.append(seg.events_record(_events(1, body)), 1)
+        d = self.writer.append(seg.events_record(_chunk(1, body)), 1)
         self.clock.advance(0)
         return d
 
     def test_records_of_one_reactor_turn_share_a_group(self):
         for body in (b"1", b"2", b"3"):
-            self.writer.append(seg.events_record(_events(1, body)), 1)
+            self.writer.append(seg.events_record(_chunk(1, body)), 1)
         self.assertEqual(self.thread.jobs, [])
         self.clock.advance(0)
         self.assertEqual(len(self.thread.jobs), 1)
@@ -265,14 +269,14 @@ class Recovery(unittest.TestCase):
         registry = CollectorRegistry()
         metrics = Metrics(registry, process=False)
         torn = os.path.join(directory, seg.segment_name(100))
-        whole = seg.events_record(_events(1, b"a", b"b"))
+        whole = seg.events_record(_chunk(1, b"a", b"b"))
         seg.write_segment(torn, [whole, seg.cut_record(100, 0, 2),
-                                 seg.events_record(_events(2, b"c"))[:-2]])
+                                 seg.events_record(_chunk(2, b"c"))[:-2]])
         corrupt = os.path.join(directory, seg.segment_name(200))
-        bad = bytearray(seg.events_record(_events(3, b"d")))
+        bad = bytearray(seg.events_record(_chunk(3, b"d")))
         bad[-1] ^= 0xFF
-        seg.write_segment(corrupt, [seg.events_record(_events(3, b"x")), bytes(bad),
-                                    seg.events_record(_events(3, b"y"))])
+        seg.write_segment(corrupt, [seg.events_record(_chunk(3, b"x")), bytes(bad),
+                                    seg.events_record(_chunk(3, b"y"))])
         writer = WalWriter(directory, 1_000_000, _at_once, Clock(), metrics)
         ledger = Ledger(writer)
         uploader = FakeUploader()
@@ -313,17 +317,17 @@ class Admission(unittest.TestCase):
         self.admission = DurableAdmission(self.state, self.writer, self.ledger)
 
     def test_refused_while_starting(self):
-        answer = self.admission.admit(_events(1, b"{}"), self.accepted)
+        answer = self.admission.admit([_chunk(1, b"{}")], self.accepted)
         self.assertEqual((answer.code, json.loads(answer.body)["error"]), (503, "starting"))
 
     def test_answers_202_after_the_fsync_and_queues_then(self):
         self.state.lifecycle.start_running()
-        answer = self.admission.admit(_events(1, b"{}", b"[]"), self.accepted)
+        answer = self.admission.admit([_chunk(1, b"{}", b"[]")], self.accepted)
         self.assertIsInstance(answer, Deferred)
         self.assertNoResult(answer)
         self.assertEqual(len(self.queue), 0)
         # room is reserved meanwhile: one more event fits, two do not
-        refused = self.admission.admit(_events(1, b"1", b"2"), self.accepted)
+        refused = self.admission.admit([_chunk(1, b"1", b"2")], self.accepted)
         self.assertEqual(refused.code, 503)
         self.clock.advance(0)
         self.thread.step()
@@ -333,7 +337,7 @@ class Admission(unittest.TestCase):
 
     def test_a_failed_fsync_is_a_503_never_a_202(self):
         self.state.lifecycle.start_running()
-        answer = self.admission.admit(_events(1, b"{}"), self.accepted)
+        answer = self.admission.admit([_chunk(1, b"{}")], self.accepted)
         self.clock.advance(0)
         function, args, d = self.thread.jobs.pop(0)
         d.errback(OSError(5, "Input/output error"))
@@ -346,9 +350,9 @@ class Admission(unittest.TestCase):
         holds each with its own key segment, in the order the queue holds
         them, so a replay gives the same events as the queue."""
         self.state.lifecycle.start_running()
-        events = [Event(7, b'{"a":1}', "shop"), Event(7, b'{"b":2}', ""),
-                  Event(7, b'{"c":3}', "shop")]
-        answer = self.admission.admit(events, self.accepted, "segment")
+        chunks = [Chunk(7, [b'{"a":1}', b'{"c":3}'], "shop"), Chunk(7, [b'{"b":2}'])]
+        events = events_in(chunks)
+        answer = self.admission.admit(chunks, self.accepted, "segment")
         self.clock.advance(0)
         function, args, d = self.thread.jobs.pop(0)
         data = args[3]
@@ -361,7 +365,7 @@ class Admission(unittest.TestCase):
     def test_wal_full(self):
         self.state.lifecycle.start_running()
         self.writer.max_bytes = 10
-        answer = self.admission.admit(_events(1, b"{}"), self.accepted)
+        answer = self.admission.admit([_chunk(1, b"{}")], self.accepted)
         self.assertEqual(json.loads(answer.body)["error"], "wal_full")
 
 
@@ -370,9 +374,9 @@ class Admission(unittest.TestCase):
         self.state.admission = self.admission
         self.state.lifecycle.start_running()
         self.assertEqual(readiness(self.state).code, 200)
-        self.admission.admit(_events(1, b"x" * 9_800), self.accepted)  # of 10,000
+        self.admission.admit([_chunk(1, b"x" * 9_800)], self.accepted)  # of 10,000
         self.assertEqual(readiness(self.state).code, 200)
-        self.admission.admit(_events(1, b"x" * 150), self.accepted)
+        self.admission.admit([_chunk(1, b"x" * 150)], self.accepted)
         answer = readiness(self.state)
         self.assertEqual((answer.code, json.loads(answer.body)["status"]), (503, "wal_full"))
 
@@ -385,14 +389,14 @@ class Cli(unittest.TestCase):
         directory = make_workdir(self)
         os.makedirs(os.path.join(directory, "w0"))
         seg.write_segment(os.path.join(directory, "w0", seg.segment_name(1)),
-                          [seg.events_record(_events(1, b"a")), b"\x05\x00"])
+                          [seg.events_record(_chunk(1, b"a")), b"\x05\x00"])
         out = io.StringIO()
         self.assertEqual(run(["--wal-dir", directory, "list"], out, io.StringIO()), 0)
         self.assertIn("1 records  1 events  0 cuts  torn tail at byte", out.getvalue())
-        bad = bytearray(seg.events_record(_events(1, b"b")))
+        bad = bytearray(seg.events_record(_chunk(1, b"b")))
         bad[-1] ^= 1
         seg.write_segment(os.path.join(directory, seg.segment_name(2)),
-                          [bytes(bad), seg.events_record(_events(1, b"c"))])
+                          [bytes(bad), seg.events_record(_chunk(1, b"c"))])
         out = io.StringIO()
         self.assertEqual(run(["--wal-dir", directory, "verify"], out, io.StringIO()), 1)
         self.assertIn("CORRUPT at byte 12", out.getvalue())
@@ -432,7 +436,7 @@ class DurablePipeline(unittest.TestCase):
         self.admission = DurableAdmission(state, self.writer, ledger)
 
     def _admit(self, *bodies: bytes) -> None:
-        answer = self.admission.admit(_events(1, *bodies), self.accepted)
+        answer = self.admission.admit([_chunk(1, *bodies)], self.accepted)
         self._settle()
         self.assertEqual(self.successResultOf(answer).code, 202)  # type: ignore[arg-type]
 

@@ -8,7 +8,7 @@ import json
 
 from estat.http.request import _Zlib
 from estat.lifecycle import Lifecycle
-from estat.model import Event
+from estat.model import Chunk
 from tests.support import Exchange, ListenerTestCase, post_bytes
 
 
@@ -225,7 +225,7 @@ class CollectTests(ListenerTestCase):
         answers = self.exchange(get % b"healthz", get % b"readyz")
         self.assertEqual([a[0] for a in answers], [200, 200])
         for _ in range(3):
-            self.queue.offer([Event(1, b"{}")])
+            self.queue.offer([Chunk(1, [b"{}"])])
         self.assertEqual(self.exchange(get % b"readyz")[0][0], 503)
         self.queue.take(3, 1 << 20)
         self.state.lifecycle.start_draining()
@@ -284,7 +284,7 @@ class BatchAndGzipTests(ListenerTestCase):
 
     def test_batch_that_does_not_fit_the_queue_is_refused_whole(self):
         for i in range(8):
-            self.queue.offer([Event(1, b"{}")])
+            self.queue.offer([Chunk(1, [b"{}"])])
         code, answer = self.send(b'{"a":1}\n{"a":2}\n{"a":3}\n')
         self.assertEqual((code, answer["error"]), (503, "queue_full"))
         self.assertEqual(len(list(self.queue)), 8)
@@ -502,7 +502,7 @@ class BrowserTests(ListenerTestCase):
             self.assertCors(headers)
         self.queue.take(10, 1 << 20)
         for _ in range(10):
-            self.queue.offer([Event(1, b"{}")])
+            self.queue.offer([Chunk(1, [b"{}"])])
         code, headers, _ = self.one(self.keyed(b'{"a":1}'))
         self.assertEqual(code, 503)
         self.assertCors(headers)

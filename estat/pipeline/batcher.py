@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from estat.loops import LoopService
 from estat.metrics import Metrics
-from estat.model import Batch, Event, new_batch_id
+from estat.model import Batch, Chunk, new_batch_id
 from estat.pipeline.queue import EventQueue
 from estat.pipeline.uploader import Uploader
 
@@ -62,7 +62,8 @@ class Batcher:
         self.flush_interval = flush_interval
         self._new_id = new_id
         self.tick_seconds = min(tick_seconds, flush_interval)
-        self._events: list[Event] = []
+        self._chunks: list[Chunk] = []
+        self._events = 0  # in the open batch
         self._bytes = 0
         self._opened_at = 0.0
         # Durable mode: a batch holds events of one log segment, and is
@@ -85,7 +86,7 @@ class Batcher:
                            self.metrics.loop_errors, self.clock)
 
     def open_events(self) -> int:
-        return len(self._events)
+        return self._events
 
     def tick(self) -> None:
         """One pass of the loop: drain what the upload queue has room for."""
@@ -101,7 +102,7 @@ class Batcher:
     def _due(self, force: bool) -> str | None:
         if not self._events:
             return None
-        if len(self._events) >= self.batch_size:
+        if self._events >= self.batch_size:
             return "size"
         if self._bytes >= self.batch_max_bytes:
             return "bytes"
@@ -133,30 +134,35 @@ class Batcher:
         batch's count or byte limit."""
         queue = self.queue
         before = queue.bytes
-        limit = self.batch_size - len(self._events)
+        limit = self.batch_size - self._events
         front = self._runs.front() if self._runs is not None else None
         if front is not None:
             limit = min(limit, front[1])
         opening = not self._events
+        events = len(queue)
         taken = queue.take(limit, self.batch_max_bytes - self._bytes)
+        count = events - len(queue)
         if front is not None and taken:
-            span = self._runs.take(len(taken))  # type: ignore[union-attr]
+            span = self._runs.take(count)  # type: ignore[union-attr]
             if opening:
                 self._span = span
         elif opening:
             self._span = None
-        self._events.extend(taken)
+        self._chunks.extend(taken)
+        self._events += count
         self._bytes += before - queue.bytes
 
     def _flush(self, trigger: str) -> None:
         if self._runs is not None and self._span is not None:
             segment, first = self._span
-            batch = Batch(self._events, self._bytes, self._span_id(segment, first), trigger,
-                          (segment, first, len(self._events)))
+            batch = Batch(self._chunks, self._bytes, self._span_id(segment, first), trigger,
+                          (segment, first, self._events))
         else:
-            batch = Batch(self._events, self._bytes, self._new_id(), trigger)
-        self._events = []
+            batch = Batch(self._chunks, self._bytes, self._new_id(), trigger)
+        batch.event_count = self._events
+        self.metrics.batch_events.observe(self._events)
+        self._chunks = []
+        self._events = 0
         self._bytes = 0
         self.metrics.batches_flushed.labels(trigger=trigger).inc()
-        self.metrics.batch_events.observe(len(batch.events))
         self.uploader.submit(batch)

@@ -19,7 +19,7 @@ from estat.auth import Writer
 from estat.collect import IngestState, forbidden_origin, preflight
 from estat.http.request import IngestRequest
 from estat.http.response import Answer, error_body
-from estat.model import Event
+from estat.model import Chunk
 from estat.sdk.envelope import EnvelopeError, stored_body
 from estat.sdk.idempotence import RecentIds, id_key, id_scope
 
@@ -185,7 +185,7 @@ class SdkHandler:
         state, recent, protocol = self.state, self.recent, self.protocol
         now = state.now_ms()
         name = protocol.encode()
-        queued: list[Event] = []
+        queued: dict[str, list[bytes]] = {}  # bodies by writer segment
         keys: list[bytes] = []
         fresh: set[bytes] = set()
         skipped = 0
@@ -201,9 +201,8 @@ class SdkHandler:
                     continue
                 fresh.add(key)
                 keys.append(key)
-            queued.append(Event(now, stored_body(name, unpacked.call, event.message,
-                                                 unpacked.envelope),
-                                writer.segment if writer else ""))
+            queued.setdefault(writer.segment if writer else "", []).append(
+                stored_body(name, unpacked.call, event.message, unpacked.envelope))
         if skipped:
             self._duplicates.inc(skipped)
         if not queued:
@@ -215,7 +214,8 @@ class SdkHandler:
             recent.add(keys)
             return self.success
 
-        return _then(state.admit_events(queued, protocol=protocol), settle)
+        chunks = [Chunk(now, tuple(bodies), segment) for segment, bodies in queued.items()]
+        return _then(state.admit_chunks(chunks, protocol=protocol), settle)
 
 
 def _then(result: Any, change: Callable[[Answer], Answer]) -> Any:

@@ -57,7 +57,7 @@ def cut_batches(segment: int, events: list[Event], cuts: list[Cut], batch_size: 
             continue  # overlaps one taken already, or past the valid records
         yield from _fresh(segment, events, position, cut.first, batch_size, batch_max_bytes)
         chosen = events[cut.first:cut.first + cut.count]
-        yield Batch(chosen, sum(len(e.body) for e in chosen),
+        yield Batch.of_events(chosen, sum(len(e.body) for e in chosen),
                     wal_batch_id(segment, cut.first), "replay",
                     (segment, cut.first, cut.count))
         position = cut.first + cut.count
@@ -75,7 +75,7 @@ def _fresh(segment: int, events: list[Event], start: int, end: int, batch_size: 
             last += 1
             if size >= batch_max_bytes:
                 break
-        yield Batch(events[first:last], size, wal_batch_id(segment, first), "replay",
+        yield Batch.of_events(events[first:last], size, wal_batch_id(segment, first), "replay",
                     (segment, first, last - first))
         first = last
 

@@ -30,7 +30,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from estat.model import Event
+from estat.model import Chunk, Event
 
 MAGIC = b"ESTATWAL"
 VERSION = 1
@@ -67,17 +67,17 @@ def record(payload: bytes) -> bytes:
     return RECORD_HEAD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def events_record(events: list[Event]) -> bytes:
-    """One `E` record for a request's events (one ts and key segment)."""
-    first = events[0]
-    segment = first.segment.encode()
-    head = _EVENTS_HEAD.pack(b"E", first.ts, len(segment)) + segment
-    if len(events) == 1:
-        payload = head + _BODY_LENGTH.pack(len(first.body)) + first.body
+def events_record(chunk: Chunk) -> bytes:
+    """One `E` record for a chunk of events (one ts and key segment)."""
+    segment = chunk.segment.encode()
+    head = _EVENTS_HEAD.pack(b"E", chunk.ts, len(segment)) + segment
+    bodies = chunk.bodies
+    if len(bodies) == 1:
+        payload = head + _BODY_LENGTH.pack(len(bodies[0])) + bodies[0]
     else:
         pack = _BODY_LENGTH.pack
-        payload = head + b"".join([piece for event in events
-                                   for piece in (pack(len(event.body)), event.body)])
+        payload = head + b"".join([piece for body in bodies
+                                   for piece in (pack(len(body)), body)])
     return record(payload)
 
 
