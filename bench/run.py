@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional
 # The repository root, for tests.support (free ports, HTTP probes).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import loadgen  # noqa: E402  (bench/, this script's directory)
+import codec_cost  # noqa: E402  (bench/, this script's directory)
+import loadgen  # noqa: E402
 import procs  # noqa: E402
 from servers import Baseline, Estat, parse_metrics  # noqa: E402
 from stores import Moto, count_files, count_local_events, list_local_objects  # noqa: E402
@@ -364,6 +365,8 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         dlq = count_files(server.dlq_dir)
         if dlq:
             row.notes.append(f"{dlq} files left in the dead-letter directory")
+        if spec.events > 1 and store == "local" and workers == 1:
+            row.notes.append(codec_cost.note(spec.data, spec.encoding))
         row.check = check(row.accepted, row.stored)
         return row
     finally:
