@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -114,6 +115,8 @@ class Row:
     notes: list[str] = field(default_factory=list)
     # --latency: the fixed-rate run on the same server after the wrk run
     latency: Optional[loadgen.Schedule] = None
+    latency_basis_rps: Optional[float] = None  # the 202s/s the fixed rate is a fraction of
+    latency_connections: Optional[int] = None
     latency_non_2xx: str = ""
     latency_server_cores: Optional[float] = None
     latency_wrk_cores: Optional[float] = None
@@ -147,17 +150,20 @@ class Options:
 
 def measure(wrk: str, url: str, script: str, pid: int, opts: Options,
             logdir: str, notes: Optional[list[str]] = None,
-            fixed_rate: bool = False) -> tuple[loadgen.WrkResult, float]:
+            fixed_rate: bool = False,
+            connections: Optional[int] = None) -> tuple[loadgen.WrkResult, float]:
     """Run wrk against `url`; return its result and the server's CPU seconds:
     those of `pid` and of its children (the workers of `--workers N`), read
     before and after the load. A child that appears or goes in between (a
     worker restarted) is noted in `notes`: its CPU is then only partly counted.
     With `fixed_rate` (a LUA_RATE script) wrk runs `--latency-duration`
-    seconds with one thread per connection."""
-    duration, threads, log = ((opts.latency_duration, opts.connections, "wrk-rate.log")
+    seconds with one thread per connection, over `connections` (default
+    --connections)."""
+    connections = connections or opts.connections
+    duration, threads, log = ((opts.latency_duration, connections, "wrk-rate.log")
                               if fixed_rate else (opts.duration, opts.threads, "wrk.log"))
     cpu_before = procs.tree_cpu_seconds(pid)
-    result = loadgen.run_wrk(wrk, url, script, duration, opts.connections, threads,
+    result = loadgen.run_wrk(wrk, url, script, duration, connections, threads,
                              os.path.join(logdir, log), cpus=opts.wrk_cpus())
     time.sleep(0.3)  # let the server finish requests wrk abandoned at the end
     cpu_after = procs.tree_cpu_seconds(pid)
@@ -216,18 +222,23 @@ def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: by
                content_type: str, pid: int, opts: Options,
                logdir: str, encoding: str = "") -> Optional[loadgen.WrkResult]:
     """`--latency`: once the server is idle again, send to it at
-    `--latency-fraction` of `max_rps` (what the wrk run just reached), on a
-    fixed schedule over the same number of connections, and fill the row's
+    `--latency-fraction` of `max_rps` (the 202s per second the wrk run just
+    reached), on a fixed schedule over the same number of connections, and
+    fill the row's
     latency columns. None (and a note) when there was no rate to start from."""
     if not max_rps:
         row.notes.append("no req/s from the wrk run: no fixed-rate run")
         return None
     settle(pid, row.notes)
     rate = max_rps * opts.latency_fraction
+    connections = rate_connections(rate, opts.connections)
     script = loadgen.write_script(logdir, name, body, content_type, rate=rate,
-                                  connections=opts.connections, encoding=encoding)
-    print(f"   fixed rate {rate:,.0f} req/s ({opts.latency_duration:g} s) ...", flush=True)
-    result, cpu_s = measure(wrk, url, script, pid, opts, logdir, row.notes, fixed_rate=True)
+                                  connections=connections, encoding=encoding)
+    print(f"   fixed rate {rate:,.0f} req/s over {connections} connections "
+          f"({opts.latency_duration:g} s) ...", flush=True)
+    result, cpu_s = measure(wrk, url, script, pid, opts, logdir, row.notes, fixed_rate=True,
+                            connections=connections)
+    row.latency_basis_rps, row.latency_connections = max_rps, connections
     if result.schedule is None:
         raise RuntimeError(f"the fixed-rate wrk run printed no schedule (see {logdir})")
     row.latency = schedule = result.schedule
@@ -255,6 +266,13 @@ def fixed_rate(wrk: str, row: Row, max_rps: float, url: str, name: str, body: by
     return result
 
 
+def rate_connections(rate: float, most: int) -> int:
+    """Connections for a fixed rate: one per 20 req/s, between 4 and `most`,
+    so that a slow rate (a few big chunks a second) is not spread over
+    connections that each send once in the run."""
+    return max(1, min(most, max(4, math.ceil(rate / 20))))
+
+
 def run_baseline(wrk: str, opts: Options, logdir: str, name: str) -> Row:
     """A framework floor: a bare handler answering 202 (`baseline`: a
     twisted.web Resource; `-stock`: on Twisted's default Request and Site;
@@ -272,7 +290,8 @@ def run_baseline(wrk: str, opts: Options, logdir: str, name: str) -> Row:
         result, cpu_s = measure(wrk, server.url, script, server.child.pid, opts, logdir)
         row.peak_rss_mib = procs.peak_rss_mib(server.child.pid)
         if opts.latency:
-            fixed_rate(wrk, row, result.rps, server.url, "baseline", body.data,
+            fixed_rate(wrk, row, result.count(202) / result.duration_s, server.url,
+                       "baseline", body.data,
                        body.content_type, server.child.pid, opts, logdir, body.encoding)
     finally:
         server.stop()
@@ -323,9 +342,16 @@ def run_estat(wrk: str, opts: Options, logdir: str, kind: str, store: str,
         after_text = server.metrics_text()
         row.peak_rss_mib = (procs.tree_peak_rss_mib(server.child.pid) if workers > 1
                             else procs.peak_rss_mib(server.child.pid))
-        rate_result = (fixed_rate(wrk, row, result.rps, server.url, kind, body, ctype,
+        # Half the rate the server accepted: the wrk run's req/s counts the
+        # quick 503s of a saturated server, and half of that still saturates.
+        accepted_rps = result.count(202) / result.duration_s
+        rate_result = (fixed_rate(wrk, row, accepted_rps, server.url, kind, body, ctype,
                                   server.child.pid, opts, logdir, spec.encoding)
                        if opts.latency else None)
+        if rate_result is not None:
+            # As after the wrk run: a chunk received before the reading but
+            # admitted after it would be stored without being counted.
+            settle(server.child.pid, row.notes)
         final_text = server.metrics_text() if rate_result else after_text
         code = server.stop(120)
         after = parse_metrics(after_text)[0]
@@ -454,7 +480,8 @@ def latency_table(rows: list[Row], show_workers: bool = False) -> str:
     percentiles count from each request's scheduled send time; "p99 ms from
     send" from its actual send, as wrk does (they differ when sends were late)."""
     lines = table_head(
-        "| scenario | store | max req/s | target req/s | achieved req/s | p50 ms | p99 ms "
+        "| scenario | store | 202/s (wrk run) | connections | target req/s | achieved req/s "
+        "| p50 ms | p99 ms "
         "| p99.9 ms | max ms | p99 ms from send | late sends | non-2xx | server cores "
         "| wrk cores | accepted = stored |", show_workers)
     for r in rows:
@@ -464,7 +491,8 @@ def latency_table(rows: list[Row], show_workers: bool = False) -> str:
         workers = f" {fmt(r.workers, 'd')} |" if show_workers else ""
         late = s.late_1ms / s.sent if s.sent else None
         lines.append(
-            f"| {r.scenario} | {r.store} |{workers} {fmt(r.rps, ',.0f')} | {s.target_rps:,.0f} "
+            f"| {r.scenario} | {r.store} |{workers} {fmt(r.latency_basis_rps, ',.0f')} "
+            f"| {fmt(r.latency_connections, 'd')} | {s.target_rps:,.0f} "
             f"| {s.achieved_rps:,.0f} | {s.from_schedule['p50']:.2f} | {s.from_schedule['p99']:.2f} "
             f"| {s.from_schedule['p99.9']:.2f} | {s.from_schedule['max']:.2f} "
             f"| {s.from_send['p99']:.2f} | {fmt(late, '.2%')} | {r.latency_non_2xx} "
@@ -506,11 +534,12 @@ def parse_args(argv: list[str]) -> Options:
                         help="where logs and results.json go (default bench/results)")
     parser.add_argument("--latency", action="store_true",
                         help="after each scenario's wrk run, send to the same server at a "
-                             "fixed rate (open loop: --latency-fraction of the req/s it "
-                             "reached) and print a second table of latency percentiles")
+                             "fixed rate (open loop: --latency-fraction of the 202s per "
+                             "second it reached) and print a second table of latency "
+                             "percentiles")
     parser.add_argument("--latency-fraction", type=float, default=0.5,
-                        help="the fixed rate as a fraction of the wrk run's req/s "
-                             "(default 0.5)")
+                        help="the fixed rate as a fraction of the wrk run's 202s per "
+                             "second (default 0.5)")
     parser.add_argument("--latency-duration", type=float, default=None,
                         help="seconds of the fixed-rate run (default 10; 3 with --quick)")
     parser.add_argument("--pin", action="store_true",
@@ -698,10 +727,11 @@ def header(opts: Options, load: str) -> str:
 
 def latency_header(opts: Options) -> str:
     """The line above the latency table: how the fixed-rate load was made."""
-    return (f"fixed rate: {opts.latency_fraction:.0%} of each row's req/s above for "
-            f"{opts.latency_duration:g} s on the same server, wrk -t{opts.connections} "
-            f"-c{opts.connections} (a thread per connection, each sending every "
-            f"{opts.connections}/rate s on a schedule); latency from the scheduled send time")
+    return (f"fixed rate: {opts.latency_fraction:.0%} of the 202s per second of each row's "
+            f"wrk run above, for {opts.latency_duration:g} s on the same server, wrk with a "
+            "thread per connection (a connection per 20 req/s, 4 to "
+            f"{opts.connections}), each sending every connections/rate s on a schedule; "
+            "latency from the scheduled send time")
 
 
 def main(argv: list[str]) -> int:
