@@ -17,7 +17,6 @@ from typing import Callable
 from isal import isal_zlib
 
 from estat import codec
-from estat.model import Batch, Chunk
 from estat.validate import all_objects
 
 REPEATS = 7
@@ -42,9 +41,7 @@ def costs(data: bytes, encoding: str) -> dict[str, float]:
     if lines[-1] == b"":
         lines.pop()
     events = len(lines)
-    batch = Batch([Chunk(1_700_000_000_000, tuple(lines), "", True, sum(map(len, lines)))],
-                  0, "COST", "size")
-    framed = b"".join(codec._texts_of_chunks(batch.chunks))
+    framed = b"".join([codec.event_line(1_700_000_000_000, line) for line in lines])
     gzipped, size = codec._gzip_texts([framed])
     found = {
         "inflate": (_best(lambda: isal_zlib.decompress(data, codec.GZIP_WBITS), events)
