@@ -69,15 +69,17 @@ def raw_line(ts_ms: int, body: bytes, error: str) -> bytes:
 # flush. So the common case is built with no Python step per event: the
 # events of a chunk share their receive time, so their lines are the
 # bodies joined by `}\n{"ts":…,"body":` (one join per chunk, or per slice
-# of about 512 KiB of a big one), gzip'd a slice at a time, and inflated for
-# verification by isal's inflater (which runs without the GIL). Slices are
-# sized in bytes, and the thread does not give the GIL back on purpose
-# (time.sleep(0)) between them: each time it gets the GIL back from a busy
-# reactor can take up to 5 ms (sys.getswitchinterval); with 256-event slices
-# of small events that cut `batch` from 340k to 140k events/s, for a p99 at
-# a fixed rate no better once the machine is busy.
-_TEXT_SLICE_BYTES = 512 * 1024
-_INFLATE_SLICE_BYTES = 1 << 20
+# of about 2 MiB of a big one), gzip'd a slice at a time, and inflated for
+# verification by isal's inflater (which runs without the GIL), 4 MiB of
+# output at a time. Slices are sized in bytes, and few: each time the thread
+# gets the GIL back from a busy reactor, after a call that released it, can
+# take up to 5 ms (sys.getswitchinterval). With 256-event slices of small
+# events that cut `batch` from 340k to 140k events/s; 512 KiB slices and
+# 1 MiB of inflated output let the encoders fall behind (503s) where 2 and
+# 4 MiB did not (bench: 475-491k against 529-534k events/s, p99 at a fixed
+# rate alike). Framing 2 MiB holds the GIL for about a millisecond.
+_TEXT_SLICE_BYTES = 2 * 1024 * 1024
+_INFLATE_SLICE_BYTES = 1 << 22
 _LINE_START = (b'{"ts":' + _TS + b',"body":').__mod__  # of (seconds, ms)
 _LINE_END = b"}\n"
 
@@ -178,14 +180,14 @@ def verify_gzip(data: bytes, uncompressed_bytes: int) -> None:
     and length trailer match and which inflates to `uncompressed_bytes`.
     Inflated by isal's inflater (igzip_inflate: other code than the
     deflate that wrote it, and 3 times faster than stdlib zlib here: 9.5
-    against 30 ms for 12 MB), a megabyte at a time and thrown away."""
+    against 30 ms for 12 MB), 4 MiB at a time and thrown away."""
     verify_gzip_stream([data], uncompressed_bytes)
 
 
 def verify_gzip_stream(chunks: Iterable[bytes], uncompressed_bytes: int,
                        count_lines: bool = False) -> int:
     """`verify_gzip` of the concatenation of `chunks`, read one chunk at a
-    time (a file a piece at a time: only a chunk and a megabyte of output
+    time (a file a piece at a time: only a chunk and 4 MiB of output
     are ever in memory). Returns the number of lines (LF) inflated when
     `count_lines`, else 0."""
     inflater = isal_zlib.decompressobj(GZIP_WBITS)

@@ -270,8 +270,10 @@ class ChunkTextTests(unittest.TestCase):
                                  Chunk(3, [b'{"d":4}'], "", True)])
 
     def test_chunks_bigger_than_a_slice_and_many_small_ones(self):
+        from estat.codec import _TEXT_SLICE_BYTES
         from estat.model import Chunk
 
-        big = [b'{"pad":"%s","n":%d}' % (b"x" * 200, n) for n in range(6000)]  # ~1.3 MB
+        lines = 2 * _TEXT_SLICE_BYTES // 200 + 1  # a chunk of over two slices
+        big = [b'{"pad":"%s","n":%d}' % (b"x" * 200, n) for n in range(lines)]
         small = [Chunk(1_700_000_000_000 + n, [b'{"s":%d}' % n]) for n in range(30_000)]
         self.assert_event_lines([Chunk(5, big, "", True), *small, Chunk(6, big + [b'{"\n":1}'])])
