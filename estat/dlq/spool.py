@@ -204,7 +204,7 @@ class DeadLetterQueue:
         could not be built. The Deferred never fails: it fires with whether
         they were kept, as `save`'s does."""
         if failed.salvage is None:
-            self._lost(len(failed.batch.events), f"batch {failed.batch.batch_id}",
+            self._lost(failed.batch.event_count, f"batch {failed.batch.batch_id}",
                        "encode_error", "it could not be encoded, not even as base64 lines "
                        f"({type(failed.cause).__name__}: {failed.cause})")
             return succeed(False)

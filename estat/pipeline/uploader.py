@@ -167,7 +167,7 @@ class Uploader:
         if kept:
             self._on_done(batch)
         elif batch.wal_span is not None:
-            self._metrics.wal_kept_events.inc(len(batch.events))
+            self._metrics.wal_kept_events.inc(batch.event_count)
             _log.warn("batch {batch} was neither stored nor dead-lettered: its events stay "
                       "in the write-ahead log and are replayed at the next start",
                       batch=batch.batch_id)
