@@ -85,11 +85,12 @@ _LINE_END = b"}\n"
 
 
 _THOUSANDS = repeat(1000)
-_ts_of = itemgetter(0)
-_bodies_of = itemgetter(1)
+# Chunk fields by position, for map() over many chunks.
+_ts_of = itemgetter(Chunk._fields.index("ts"))
+_bodies_of = itemgetter(Chunk._fields.index("bodies"))
+_plain_of = itemgetter(Chunk._fields.index("plain"))
+_size_of = itemgetter(Chunk._fields.index("size"))
 _first = itemgetter(0)
-_plain_of = itemgetter(3)
-_size_of = itemgetter(4)
 
 
 def _slice_length(count: int, total_bytes: int) -> int:

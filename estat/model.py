@@ -69,8 +69,8 @@ def events_in(chunks: Iterable[Chunk]) -> list[Event]:
     return events
 
 
-_TIME_AND_SEGMENT = itemgetter(0, 2)
-_bodies_of = itemgetter(1)
+_TIME_AND_SEGMENT = itemgetter(Event._fields.index("ts"), Event._fields.index("segment"))
+_bodies_of = itemgetter(Chunk._fields.index("bodies"))
 
 
 def events_in_chunks(chunks: list[Chunk]) -> int:
