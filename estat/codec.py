@@ -145,16 +145,10 @@ def _chunks_text(chunks: list[Chunk]) -> bytes:
 def _big_chunk_texts(chunk: Chunk) -> Iterator[bytes]:
     """The lines of one chunk of more than _TEXT_SLICE_BYTES, a slice of
     its bodies at a time."""
-    ts, bodies = chunk.ts, chunk.bodies
-    start = _LINE_START(divmod(ts, 1000))
-    between = _LINE_END + start
+    bodies = chunk.bodies
     step = _slice_length(len(bodies), chunk.size)
     for first in range(0, len(bodies), step):
-        part = bodies[first:first + step]
-        text = b"".join((start, between.join(part), _LINE_END))
-        if not chunk.plain and (text.count(b"\n") != len(part) or b"\r" in text):
-            text = b"".join([event_line(ts, body) for body in part])
-        yield text
+        yield _chunks_text([chunk._replace(bodies=bodies[first:first + step])])
 
 
 def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:
@@ -261,8 +255,6 @@ def encode_batch(
         by_segment: dict[str, list[Chunk]] = {}
         for chunk in batch.chunks:
             by_segment.setdefault(chunk.segment, []).append(chunk)
-        if len(by_segment) == 1:
-            by_segment = {batch.chunks[0].segment: batch.chunks}
         objects = []
         for segment, chunks in by_segment.items():
             key_prefix = f"{prefix}/{segment}" if segment else prefix

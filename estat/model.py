@@ -15,7 +15,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from functools import cached_property
 from itertools import groupby, repeat
 from operator import itemgetter
 from typing import Callable, Iterable, NamedTuple, Optional
@@ -113,7 +112,7 @@ class Batch:
         """The events one by one (made on each call: for the rare paths)."""
         return events_in(self.chunks)
 
-    @cached_property
+    @property
     def event_count(self) -> int:
         return events_in_chunks(self.chunks)
 

@@ -159,7 +159,6 @@ class Batcher:
                           (segment, first, self._events))
         else:
             batch = Batch(self._chunks, self._bytes, self._new_id(), trigger)
-        batch.event_count = self._events
         self.metrics.batch_events.observe(self._events)
         self._chunks = []
         self._events = 0
