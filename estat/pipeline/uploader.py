@@ -58,7 +58,7 @@ class Uploader:
         self._queue: deque[Batch] = deque()
         self._in_flight = 0
         self._puts: set[Deferred] = set()
-        self._idle_waiters: list[Deferred] = []
+        self._idle_waiters: list[Deferred[None]] = []
         self._past_deadline = False
         self._abandoned = False
         self._on_done = on_done  # durable mode: the log may let the batch's records go
@@ -98,32 +98,26 @@ class Uploader:
 
     def when_room(self) -> "Deferred[None]":
         """Fires once `has_room` (a replay submits no faster than this)."""
-        if self.has_room():
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._room_waiters.append(waiter)
-        return waiter
+        return _once(self.has_room(), self._room_waiters)
 
     def when_idle(self) -> "Deferred[None]":
         """Fires once every queued and in-flight batch is stored or spooled."""
-        if self.idle():
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._idle_waiters.append(waiter)
-        return waiter
+        return _once(self.idle(), self._idle_waiters)
 
     def cancel_in_flight(self) -> None:
         """At the shutdown deadline: cancel the store calls under way and
         send every object still to come straight to the spool."""
         self._past_deadline = True
-        for put in list(self._puts):
-            put.cancel()
+        self._cancel_puts()
 
     def abandon(self) -> None:
         """At the shutdown deadline in durable mode: cancel the store calls
         under way and start no more, spooling nothing; those batches stay
         in the write-ahead log and are replayed at the next start."""
         self._abandoned = True
+        self._cancel_puts()
+
+    def _cancel_puts(self) -> None:
         for put in list(self._puts):
             put.cancel()
 
@@ -209,3 +203,13 @@ class Uploader:
             code=error.code, message=error.message,
         )
         return await self.spool.save(obj, error)
+
+
+def _once(ready: bool, waiters: "list[Deferred[None]]") -> "Deferred[None]":
+    """A Deferred fired now when `ready`, else one added to `waiters` (for
+    the uploader to fire when it becomes so)."""
+    if ready:
+        return succeed(None)
+    waiter: Deferred[None] = Deferred()
+    waiters.append(waiter)
+    return waiter
