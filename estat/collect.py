@@ -139,8 +139,8 @@ def queue_refusal(state: IngestState, events: int) -> Optional[Answer]:
     """The 503 queue_full (counted) for a request of at least `events`
     events when the event queue has no room for them; else None. The
     listener asks this before a body is read (for one event) and while an
-    NDJSON body arrives (for its lines so far), so that what would be
-    refused costs no inflating or parsing."""
+    NDJSON body arrives or inflates (for its lines so far), so that what
+    would be refused costs no inflating or parsing that can be spared."""
     if state.queue.room() >= events:
         return None
     return unavailable(state, "queue_full")

@@ -195,8 +195,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-batch-events", "MAX_BATCH_EVENTS", parse_positive_int, "50000",
            "most events in one batch (413 above)"),
     Option("request-bodies-max-bytes", "REQUEST_BODIES_MAX_BYTES", parse_positive_size,
-           "64MiB", "request bodies being received at once, inflated, over all "
-           "connections; a request that would go over gets 503"),
+           "64MiB", "request bodies being received at once, as they arrive "
+           "(a compressed body compressed), over all connections; a request "
+           "that would go over gets 503"),
     Option("segment-max-event-size", "SEGMENT_MAX_EVENT_SIZE", parse_positive_size, "32KiB",
            "largest Segment/RudderStack message, in a batch or as a single call "
            "(/v1/track ...), in bytes (413 above)"),

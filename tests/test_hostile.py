@@ -194,3 +194,6 @@ class ArbitraryBytesProperties(unittest.TestCase):
             self.assertIn(b"error" if code >= 400 else b"status", body)
             self.assertEqual(int(headers[b"content-length"]), len(body))
         self.assertEqual(self.flushLoggedErrors(), [])
+        client.transport.loseConnection()
+        client.channel.connectionLost()
+        self.assertEqual(listener.budget.used, 0)

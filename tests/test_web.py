@@ -186,6 +186,45 @@ class CollectTests(ListenerTestCase):
         self.assertEqual([e.body for e in self.queue], [b'{"n":0}'])
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 1)
 
+    def test_a_compressed_ndjson_body_stops_inflating_once_its_lines_outnumber_the_room(self):
+        """A compressed body is inflated once complete, piece by piece; once
+        its lines outnumber the queue's room, the rest is not inflated and
+        nothing is validated: 503 queue_full, and the next batch that fits
+        is taken."""
+        from estat import collect
+        from estat.http import request as request_module
+
+        validated: list[int] = []
+        original_validate = collect.all_objects
+        self.patch(collect, "all_objects",
+                   lambda lines: (validated.append(len(lines)), original_validate(lines))[1])
+        inflated: list[bytes] = []
+        original_pieces = request_module._Zlib.pieces
+
+        def pieces(inflater, data, room):
+            for piece in original_pieces(inflater, data, room):
+                inflated.append(piece)
+                yield piece
+
+        self.patch(request_module._Zlib, "pieces", pieces)
+        self.patch(request_module, "_INFLATE_PIECE_BYTES", 8)  # one line a piece
+        client = Exchange(self.listener)
+        client.send(post_bytes(b'{"n":0}'))  # room for 2 more
+        client.send(post_bytes(gzip_of(b'{"n":1}\n{"n":2}\n{"n":3}\n' + b'{"n":4}\n' * 50),
+                               content_type=b"application/x-ndjson",
+                               extra=b"Content-Encoding: gzip\r\n"))
+        self.assertEqual(inflated, [b'{"n":1}\n', b'{"n":2}\n', b'{"n":3}\n'])
+        answers = client.responses()
+        other = Exchange(self.listener)
+        other.send(post_bytes(gzip_of(b'{"n":1}\n{"n":2}\n'), content_type=b"application/x-ndjson",
+                              extra=b"Content-Encoding: gzip\r\n"))
+        answers += other.responses()
+        self.assertEqual([a[0] for a in answers], [202, 503, 202])
+        self.assertEqual(json.loads(answers[1][2])["error"], "queue_full")
+        self.assertEqual(validated, [2])
+        self.assertEqual([e.body for e in self.queue], [b'{"n":0}', b'{"n":1}', b'{"n":2}'])
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 1)
+
     def test_an_ndjson_body_within_the_room_is_taken(self):
         client = Exchange(self.listener)
         client.send(post_bytes(b'{"n":0}'))
@@ -312,14 +351,14 @@ class BatchAndGzipTests(ListenerTestCase):
         self.assertLess(len(bomb), 65536)  # small on the wire, 20 MB inflated
         client = Exchange(self.listener)
         inflated = []
-        original = _Zlib.inflate
+        original = _Zlib.pieces
 
         def spy(inflater, data, room):
-            out = original(inflater, data, room)
-            inflated.append(len(out))
-            return out
+            for piece in original(inflater, data, room):
+                inflated.append(len(piece))
+                yield piece
 
-        self.patch(_Zlib, "inflate", spy)
+        self.patch(_Zlib, "pieces", spy)
         client.send(post_bytes(bomb, b"application/x-ndjson", extra=b"Content-Encoding: gzip\r\n"))
         [(code, _, answer)] = client.responses()
         self.assertEqual((code, json.loads(answer)["error"]), (413, "too_large"))
@@ -562,19 +601,62 @@ class BodyBudgetTests(ListenerTestCase):
         third.channel.connectionLost()
         self.assertEqual(self.listener.budget.used, 0)
 
-    def test_a_chunked_or_compressed_body_takes_more_as_it_grows(self):
+    def test_a_chunked_body_takes_more_as_it_grows(self):
         self.listen(queue_size=1000, max_receiving_bytes=100 * 1024, max_batch_body_size=100 * 1024,
                     max_body_size=1024)
         client = Exchange(self.listener)
         client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
-                    b"Content-Encoding: gzip\r\n\r\n".replace(b"\r\n\r\n",
-                                                             b"\r\nTransfer-Encoding: chunked\r\n\r\n"))
+                    b"Transfer-Encoding: chunked\r\n\r\n")
         self.assertEqual(self.listener.budget.used, 64 * 1024)
-        import gzip
-
-        data = gzip.compress((b'{"a":"' + b"x" * 792 + b'"}\n') * 100)  # 80,000 bytes inflated
+        data = (b'{"a":"' + b"x" * 792 + b'"}\n') * 100  # 80,000 bytes
         client.send(b"%x\r\n%s\r\n" % (len(data), data))
         self.assertEqual(self.listener.budget.used, 100 * 1024)
         client.send(b"0\r\n\r\n")
         self.assertEqual([code for code, _, _ in client.responses()], [202])
+        self.assertEqual(self.listener.budget.used, 0)
+
+    def test_a_compressed_body_takes_its_compressed_size_and_inflates_once(self):
+        """Bodies part-way through arriving are held as they came: a gzip'd
+        body takes its size on the wire, and is inflated in one go once
+        complete."""
+        import gzip
+
+        from estat.http.request import _Zlib
+
+        self.listen(queue_size=1000, max_receiving_bytes=100 * 1024, max_batch_body_size=100 * 1024,
+                    max_body_size=1024)
+        inflated: list[int] = []
+        original = _Zlib.pieces
+        self.patch(_Zlib, "pieces",
+                   lambda inflater, data, room: (inflated.append(len(data)),
+                                                 original(inflater, data, room))[1])
+        data = gzip.compress((b'{"a":"' + b"x" * 792 + b'"}\n') * 100)  # 80,000 bytes inflated
+        self.assertLess(len(data), 2048)
+        client = Exchange(self.listener)
+        client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                    b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(data), 100):
+            piece = data[start:start + 100]
+            client.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.assertEqual((self.listener.budget.used, inflated), (64 * 1024, []))
+        client.send(b"0\r\n\r\n")
+        [(code, _, answer)] = client.responses()
+        self.assertEqual((code, json.loads(answer)["events"]), (202, 100))
+        self.assertEqual(inflated, [len(data)])
+        self.assertEqual(self.listener.budget.used, 0)
+
+    def test_a_compressed_body_that_cannot_inflate_within_its_limit_is_cut_off_as_it_arrives(self):
+        from estat.http.request import compressed_bound
+
+        self.listen(queue_size=1000, max_receiving_bytes=1024 * 1024, max_batch_body_size=1024)
+        bound = compressed_bound(1024)
+        client = Exchange(self.listener)
+        client.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                    b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"%x\r\n%s\r\n" % (bound, b"\0" * bound))
+        self.assertEqual(client.responses(), [])
+        client.send(b"1\r\n\0\r\n")
+        [(code, _, answer)] = client.responses()
+        self.assertEqual((code, json.loads(answer)["error"]), (413, "too_large"))
+        self.assertTrue(client.transport.disconnecting)
         self.assertEqual(self.listener.budget.used, 0)

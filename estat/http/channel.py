@@ -89,7 +89,7 @@ Handler = Callable[[IngestRequest], Union[Answer, "Deferred[Answer]"]]
 # the channel's own refusals included.
 AnswerHeaders = Callable[[dict[bytes, bytes]], Headers]
 _RETRY_AFTER = ((b"retry-after", b"1"),)
-_FIRST_SHARE = 64 * 1024  # what a body of unknown inflated size takes at first
+_FIRST_SHARE = 64 * 1024  # what a body of unknown size takes at first
 # What refuses a request of at least so many events before (the rest of)
 # its body is read, when the event queue has no room for them: that answer,
 # counted, or None to read on.
@@ -334,7 +334,7 @@ class IngestChannel(Protocol):
         except TooLarge as too_large:
             self._refuse_too_large(too_large)
         declared = self._headers.get(b"content-length")
-        if declared is not None and not request.compressed:
+        if declared is not None:
             share = int(declared)
         else:
             share = min(_FIRST_SHARE, request.limit)
@@ -370,20 +370,25 @@ class IngestChannel(Protocol):
             request.add_body(data)
         except TooLarge as too_large:
             self._refuse_too_large(too_large)
-        if request.lines:
-            # An NDJSON batch holds at least as many events as complete
-            # lines, but for blank ones: once the queue has no room for
-            # them, the rest is skipped rather than inflated and parsed.
-            refusal = self.factory.queue_refusal(request.lines)
-            if refusal is not None:
-                request.drop_body()
-                self._give_back()
-                self._skip_body(refusal)
-                return
-        if request.received > self._share:
-            # An inflating or chunked body: take twice as much, up to its limit.
-            self._take_share(max(request.received, min(2 * self._share, request.limit))
+        if request.lines and not self._room_for(request.lines):
+            request.drop_body()
+            self._give_back()
+            return
+        if request.held > self._share:
+            # A chunked body: take twice as much, up to its limit.
+            self._take_share(max(request.held, min(2 * self._share, request.limit))
                              - self._share)
+
+    def _room_for(self, lines: int) -> bool:
+        """Whether the queue has room for a batch of `lines` lines (an
+        NDJSON batch holds at least as many events, but for blank ones);
+        if not, the rest of the body is skipped rather than kept, inflated
+        and parsed, and answered 503."""
+        refusal = self.factory.queue_refusal(lines)
+        if refusal is None:
+            return True
+        self._skip_body(refusal)
+        return False
 
     def _with_answer_headers(self, answer: Answer) -> Answer:
         return answer._replace(headers=answer.headers + self.factory.answer_headers(self._headers))
@@ -404,6 +409,8 @@ class IngestChannel(Protocol):
                             "retry after Retry-After seconds")
 
     def _give_back(self) -> None:
+        """The request is answered or gone: return its share of the body
+        budget."""
         if self._share:
             self.budget.give_back(self._share)
             self._share = 0
@@ -426,19 +433,26 @@ class IngestChannel(Protocol):
             return
         self._in_message = False
         self._request = None
+        if self._skipping is None:
+            try:
+                request.body_complete(self._room_for)
+            except TooLarge as too_large:
+                self._refuse_too_large(too_large)
+            if request.lines and self._skipping is None:
+                self._room_for(request.lines)  # the queue may have filled since
         if self._skipping is not None:
             refusal, self._skipping = self._skipping, None
+            self._give_back()
             self._answer(request, refusal)
             return
-        request.body_complete()
         try:
             answer = self.handler(request)
         except Exception:
             _log.failure("unexpected error handling {method} {path}",
                          method=request.method, path=request.path)
             answer = Answer(500, error_body("internal_error"))
-        if self._share:
-            self._give_back()  # what was accepted is counted by the queue now
+        self._give_back()  # what was accepted is counted by the queue now
+        request.body = b""  # the queue holds what it took; an answer may wait long
         self._answer(request, answer)
 
     def _answer(self, request: IngestRequest, answer: "Answer | Deferred[Answer]") -> None:
