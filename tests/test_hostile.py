@@ -196,4 +196,4 @@ class ArbitraryBytesProperties(unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         client.transport.loseConnection()
         client.channel.connectionLost()
-        self.assertEqual(listener.budget.used, 0)
+        self.assertEqual((listener.budget.used, listener.lines_expected), (0, 0))

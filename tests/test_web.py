@@ -225,6 +225,33 @@ class CollectTests(ListenerTestCase):
         self.assertEqual([e.body for e in self.queue], [b'{"n":0}', b'{"n":1}', b'{"n":2}'])
         self.assertEqual(self.metric("estat_events_rejected_total", reason="queue_full"), 1)
 
+    def test_batches_being_received_hold_room_for_as_many_lines_as_their_last(self):
+        """A connection's next batch is expected to hold as many lines as
+        its last: while such batches are being received, one that would
+        take the queue past its room with theirs is refused before it is
+        read, and their room is theirs again once they are answered."""
+        batch = post_bytes(b'{"n":1}\n{"n":2}\n', content_type=b"application/x-ndjson")
+        head, body = batch.split(b"\r\n\r\n", 1)
+        shipper = Exchange(self.listener)
+        shipper.send(batch)  # 2 lines: room for 1 more
+        self.assertEqual([a[0] for a in shipper.responses()], [202])
+        self.queue.take(2, 1 << 20)  # room for 3
+        shipper.send(head + b"\r\n\r\n")  # expected to hold 2 lines
+        self.assertEqual(self.listener.lines_expected, 2)
+        other = Exchange(self.listener)
+        other.send(batch)  # its first batch: 1 line expected, 2 sent
+        self.assertEqual([a[0] for a in other.responses()], [202])
+        late = Exchange(self.listener)
+        late.send(post_bytes(b'{"n":3}\n', content_type=b"application/x-ndjson"))
+        [(code, _, answer)] = late.responses()
+        self.assertEqual((code, json.loads(answer)["error"]), (503, "queue_full"))
+        shipper.send(body)  # 2 lines, room for 1
+        self.assertEqual([a[0] for a in shipper.responses()], [202, 503])
+        self.assertEqual(self.listener.lines_expected, 0)
+        late.send(post_bytes(b'{"n":3}\n', content_type=b"application/x-ndjson"))
+        self.assertEqual([a[0] for a in late.responses()], [503, 202])
+        self.assertEqual(len(self.queue), 3)
+
     def test_an_ndjson_body_within_the_room_is_taken(self):
         client = Exchange(self.listener)
         client.send(post_bytes(b'{"n":0}'))

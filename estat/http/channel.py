@@ -118,6 +118,8 @@ class IngestChannel(Protocol):
         self.budget = listener.budget
         self._share = 0  # bytes of the budget the request being received holds
         self._skipping: Optional[Answer] = None  # the answer of a body not read
+        self._last_lines = 1  # lines of the last NDJSON body on this connection (at least)
+        self._expected = 0  # lines counted in the listener's lines_expected for this request
         self.parser = HttpRequestParser(self)
         self._upgrade: Optional[IngestRequest] = None  # a request whose Upgrade is ignored
         # The connection.
@@ -342,7 +344,15 @@ class IngestChannel(Protocol):
         continues = expect is not None and expect.lower() == b"100-continue"
         has_body = (b"transfer-encoding" in self._headers
                     or (declared is not None and int(declared) > 0))
-        refusal = self.factory.queue_refusal(1) if has_body else None
+        # A batch is expected to hold as many lines as its connection's
+        # last one (log shippers send batches of about one size), and the
+        # batches being received hold room for theirs: when the queue has
+        # less room than all of them, this one is refused unread rather
+        # than read, inflated and refused once it is complete.
+        expected = self._last_lines if request.is_batch else 1
+        listener = self.factory
+        refusal = (listener.queue_refusal(listener.lines_expected + expected)
+                   if has_body else None)
         if refusal is not None:
             # Do not inflate and parse a body that cannot be taken: its bytes
             # are skipped as they arrive and the connection stays open. A
@@ -355,6 +365,9 @@ class IngestChannel(Protocol):
                 raise _Stop()
             self._skip_body(refusal)
             return
+        if request.is_batch:
+            self._expected = expected
+            listener.lines_expected += expected
         if share:
             self._take_share(share)
         if continues:
@@ -410,10 +423,13 @@ class IngestChannel(Protocol):
 
     def _give_back(self) -> None:
         """The request is answered or gone: return its share of the body
-        budget."""
+        budget and of the lines expected."""
         if self._share:
             self.budget.give_back(self._share)
             self._share = 0
+        if self._expected:
+            self.factory.lines_expected -= self._expected
+            self._expected = 0
 
     def _refuse_too_large(self, too_large: TooLarge) -> None:
         limit = too_large.limit
@@ -440,6 +456,8 @@ class IngestChannel(Protocol):
                 self._refuse_too_large(too_large)
             if request.lines and self._skipping is None:
                 self._room_for(request.lines)  # the queue may have filled since
+        if request.lines:
+            self._last_lines = request.lines
         if self._skipping is not None:
             refusal, self._skipping = self._skipping, None
             self._give_back()
@@ -657,6 +675,8 @@ class IngestListener(Factory):
         self.answer_headers = answer_headers
         self.queue_refusal = queue_refusal
         self.budget = BodyBudget(limits.max_receiving_bytes)
+        # Lines the NDJSON batches being received are expected to hold.
+        self.lines_expected = 0
         self.limits = limits
         self.counters = counters
         self.lifecycle = lifecycle
