@@ -40,6 +40,21 @@ class AllObjectsTests(unittest.TestCase):
         self.assertTrue(all_objects(GOOD[:5]))
         self.assertFalse(all_objects([]))
 
+    def test_a_long_batch_is_decided_slice_by_slice_whole(self):
+        # Longer than one decode's slice: every slice must pass, and a pair
+        # of lines that read as objects only when joined fails wherever the
+        # slices are cut.
+        lines = [b'{"n":%d}' % n for n in range(2500)]
+        self.assertTrue(all_objects(lines))
+        for at in (0, 999, 1000, 1700, 2499):
+            broken = list(lines)
+            broken[at] = b'{"n":NaN}'
+            self.assertFalse(all_objects(broken), at)
+        for at in (998, 999, 1000):
+            straddling = list(lines)
+            straddling[at:at + 2] = [b'{"a":"', b'","b":1},{"c":2}']
+            self.assertFalse(all_objects(straddling), at)
+
     def test_is_utf8(self):
         self.assertTrue(is_utf8(b"ascii"))
         self.assertTrue(is_utf8("café".encode()))
