@@ -239,17 +239,41 @@ class CollectTests(ListenerTestCase):
         shipper.send(head + b"\r\n\r\n")  # expected to hold 2 lines
         self.assertEqual(self.listener.lines_expected, 2)
         other = Exchange(self.listener)
-        other.send(batch)  # its first batch: 1 line expected, 2 sent
-        self.assertEqual([a[0] for a in other.responses()], [202])
+        other.send(post_bytes(b'{"n":9}\n', content_type=b"application/x-ndjson"))
+        self.assertEqual([a[0] for a in other.responses()], [202])  # 1 line: room for 2
         late = Exchange(self.listener)
         late.send(post_bytes(b'{"n":3}\n', content_type=b"application/x-ndjson"))
         [(code, _, answer)] = late.responses()
         self.assertEqual((code, json.loads(answer)["error"]), (503, "queue_full"))
-        shipper.send(body)  # 2 lines, room for 1
-        self.assertEqual([a[0] for a in shipper.responses()], [202, 503])
+        shipper.send(body)  # 2 lines, room for 2
+        self.assertEqual([a[0] for a in shipper.responses()], [202, 202])
         self.assertEqual(self.listener.lines_expected, 0)
+        self.queue.take(3, 1 << 20)
         late.send(post_bytes(b'{"n":3}\n', content_type=b"application/x-ndjson"))
         self.assertEqual([a[0] for a in late.responses()], [503, 202])
+        self.assertEqual([e.body for e in self.queue], [b'{"n":3}'])
+
+    def test_a_first_batch_is_expected_to_hold_lines_as_the_last_one_did_per_byte(self):
+        """A connection's first batch has no last one: it is expected to
+        hold as many lines per byte as the listener's last complete batch,
+        so that many new connections sending at once are not all read in
+        full. Before any batch has completed, it is expected to hold one."""
+        two_lines = post_bytes(b'{"n":1}\n{"n":2}\n', content_type=b"application/x-ndjson")
+        head, body = two_lines.split(b"\r\n\r\n", 1)
+        first = Exchange(self.listener)
+        first.send(head + b"\r\n\r\n")
+        self.assertEqual(self.listener.lines_expected, 1)
+        first.send(body)
+        self.assertEqual([a[0] for a in first.responses()], [202])  # 1 line per 8 bytes
+        newcomer = Exchange(self.listener)
+        newcomer.send(head + b"\r\n\r\n")  # 16 bytes: 2 lines, the room holds 1
+        self.assertEqual(self.listener.lines_expected, 0)
+        newcomer.send(body)
+        [(code, _, answer)] = newcomer.responses()
+        self.assertEqual((code, json.loads(answer)["error"]), (503, "queue_full"))
+        self.assertEqual(len(self.queue), 2)
+        one_line = post_bytes(b'{"n":3}\n', content_type=b"application/x-ndjson")
+        self.assertEqual([a[0] for a in self.exchange(one_line)], [202])
         self.assertEqual(len(self.queue), 3)
 
     def test_an_ndjson_body_within_the_room_is_taken(self):

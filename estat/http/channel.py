@@ -118,7 +118,7 @@ class IngestChannel(Protocol):
         self.budget = listener.budget
         self._share = 0  # bytes of the budget the request being received holds
         self._skipping: Optional[Answer] = None  # the answer of a body not read
-        self._last_lines = 1  # lines of the last NDJSON body on this connection (at least)
+        self._last_lines = 0  # lines of the last NDJSON body on this connection (at least)
         self._expected = 0  # lines counted in the listener's lines_expected for this request
         self.parser = HttpRequestParser(self)
         self._upgrade: Optional[IngestRequest] = None  # a request whose Upgrade is ignored
@@ -349,7 +349,7 @@ class IngestChannel(Protocol):
         # batches being received hold room for theirs: when the queue has
         # less room than all of them, this one is refused unread rather
         # than read, inflated and refused once it is complete.
-        expected = self._last_lines if request.is_batch else 1
+        expected = self._expected_lines(declared) if request.is_batch else 1
         listener = self.factory
         refusal = (listener.queue_refusal(listener.lines_expected + expected)
                    if has_body else None)
@@ -373,6 +373,19 @@ class IngestChannel(Protocol):
         if continues:
             self._out.append(_CONTINUE)
             self._flush()
+
+    def _expected_lines(self, declared: Optional[bytes]) -> int:
+        """The lines this connection's next NDJSON batch is expected to
+        hold: as many as its last one. A connection's first batch is
+        expected to hold as many lines per byte sent as the listener's last
+        complete batch: new connections that all send at once would
+        otherwise each be read in full before one of them is refused (64
+        log-shipper chunks, 40 MB held)."""
+        if self._last_lines:
+            return self._last_lines
+        if declared is None:
+            return 1
+        return max(1, int(int(declared) * self.factory.lines_per_byte))
 
     def on_body(self, data: bytes) -> None:
         if self._skipping is not None:
@@ -457,7 +470,7 @@ class IngestChannel(Protocol):
             if request.lines and self._skipping is None:
                 self._room_for(request.lines)  # the queue may have filled since
         if request.lines:
-            self._last_lines = request.lines
+            self._note_lines(request)
         if self._skipping is not None:
             refusal, self._skipping = self._skipping, None
             self._give_back()
@@ -472,6 +485,17 @@ class IngestChannel(Protocol):
         self._give_back()  # what was accepted is counted by the queue now
         request.body = b""  # the queue holds what it took; an answer may wait long
         self._answer(request, answer)
+
+    def _note_lines(self, request: IngestRequest) -> None:
+        """Remember the lines of an NDJSON batch that has ended, to expect
+        of the next ones (`_expected_lines`). One refused as it arrived or
+        inflated has at least the lines counted so far."""
+        if self._skipping is not None:
+            self._last_lines = max(self._last_lines, request.lines)
+            return
+        self._last_lines = request.lines
+        if request.held:
+            self.factory.lines_per_byte = request.lines / request.held
 
     def _answer(self, request: IngestRequest, answer: "Answer | Deferred[Answer]") -> None:
         """Write `answer` now, or in its turn once those before it are
@@ -675,8 +699,10 @@ class IngestListener(Factory):
         self.answer_headers = answer_headers
         self.queue_refusal = queue_refusal
         self.budget = BodyBudget(limits.max_receiving_bytes)
-        # Lines the NDJSON batches being received are expected to hold.
+        # Lines the NDJSON batches being received are expected to hold, and
+        # lines per byte received of the last complete one.
         self.lines_expected = 0
+        self.lines_per_byte = 0.0
         self.limits = limits
         self.counters = counters
         self.lifecycle = lifecycle
