@@ -336,20 +336,18 @@ class IngestChannel(Protocol):
         except TooLarge as too_large:
             self._refuse_too_large(too_large)
         declared = self._headers.get(b"content-length")
-        if declared is not None:
-            share = int(declared)
-        else:
-            share = min(_FIRST_SHARE, request.limit)
+        length = int(declared) if declared is not None else None
+        share = length if length is not None else min(_FIRST_SHARE, request.limit)
         expect = self._headers.get(b"expect")
         continues = expect is not None and expect.lower() == b"100-continue"
         has_body = (b"transfer-encoding" in self._headers
-                    or (declared is not None and int(declared) > 0))
+                    or (length is not None and length > 0))
         # A batch is expected to hold as many lines as its connection's
         # last one (log shippers send batches of about one size), and the
         # batches being received hold room for theirs: when the queue has
         # less room than all of them, this one is refused unread rather
         # than read, inflated and refused once it is complete.
-        expected = self._expected_lines(declared) if request.is_batch else 1
+        expected = self._expected_lines(length) if request.is_batch else 1
         listener = self.factory
         refusal = (listener.queue_refusal(listener.lines_expected + expected)
                    if has_body else None)
@@ -374,7 +372,7 @@ class IngestChannel(Protocol):
             self._out.append(_CONTINUE)
             self._flush()
 
-    def _expected_lines(self, declared: Optional[bytes]) -> int:
+    def _expected_lines(self, length: Optional[int]) -> int:
         """The lines this connection's next NDJSON batch is expected to
         hold: as many as its last one. A connection's first batch is
         expected to hold as many lines per byte sent as the listener's last
@@ -383,9 +381,9 @@ class IngestChannel(Protocol):
         log-shipper chunks, 40 MB held)."""
         if self._last_lines:
             return self._last_lines
-        if declared is None:
+        if length is None:
             return 1
-        return max(1, int(int(declared) * self.factory.lines_per_byte))
+        return max(1, int(length * self.factory.lines_per_byte))
 
     def on_body(self, data: bytes) -> None:
         if self._skipping is not None:
