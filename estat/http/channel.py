@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from estat.http import socketwrite
 from estat.http.limits import BodyBudget, Limits
 from estat.http.refusals import RefusalLog, reason_of
 from estat.http.request import IngestRequest, TooLarge
@@ -286,7 +287,7 @@ class IngestChannel(Protocol):
             self._out = []
             transport = self.transport
             assert transport is not None
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            socketwrite.write(transport, out[0] if len(out) == 1 else b"".join(out))
         if (self._done and not self._closing and not self._waiting
                 and self.transport is not None):
             self._closing = True
