@@ -8,7 +8,7 @@ import random
 
 from twisted.trial import unittest
 
-from estat.validate import all_objects, body_error, is_utf8
+from estat.validate import all_objects, body_error, is_utf8, strict_body_error
 
 GOOD = [b'{"a":1}', b'{}', b'{"s":"caf\xc3\xa9","n":[1,2.5e3,{"x":null}]}',
         b'{"deep":' + b"[" * 200 + b"]" * 200 + b"}", b'{"big":1e999}', b'{"t":true,"f":false}']
@@ -18,6 +18,14 @@ BAD = [b"", b"  ", b"1", b'"s"', b"[]", b'{"a":1}{"b":2}', b'{"a":1},{"b":2}', b
        b'{"deep":' + b"[" * 5000 + b"]" * 5000 + b"}",
        # two lines that, joined by a comma, read as two whole objects
        b'{"a":"', b'","b":1},{"c":2}']
+
+
+class BodyErrorTests(unittest.TestCase):
+    def test_the_fast_scan_gives_the_strict_verdict(self):
+        """Objects with nothing around them are decided by msgspec's scan;
+        every verdict, that one's or the fallbacks', is the stdlib's."""
+        for body in GOOD + BAD + [b'{"a":"x\ty"}x', b'{"a":1}\n', b'{"a":[1,}']:
+            self.assertEqual(body_error(body), strict_body_error(body), body)
 
 
 class AllObjectsTests(unittest.TestCase):
