@@ -93,7 +93,7 @@ class ReactorCounter:
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], _Count] = {}
         if not self.labelnames:
-            self._children[()] = _Count()
+            self._unlabelled = self._children[()] = _Count()
         if registry is not None:
             registry.register(self)  # type: ignore[arg-type]
 
@@ -105,7 +105,7 @@ class ReactorCounter:
         return child
 
     def inc(self, amount: float = 1) -> None:
-        self._children[()].inc(amount)
+        self._unlabelled.value += amount
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -117,6 +117,8 @@ class IngestChannel(Protocol):
         self.counters = listener.counters
         self.lifecycle = listener.lifecycle
         self.budget = listener.budget
+        self._max_headers = self.limits.max_headers
+        self._max_header_bytes = self.limits.max_header_bytes
         self._share = 0  # bytes of the budget the request being received holds
         self._skipping: Optional[Answer] = None  # the answer of a body not read
         self._last_lines = 0  # lines of the last NDJSON body on this connection (at least)
@@ -314,13 +316,12 @@ class IngestChannel(Protocol):
             self._refuse_headers()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._upgrade is not None:
-            return
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
-        limits = self.limits
-        if (self._header_count > limits.max_headers
-                or self._header_bytes > limits.max_header_bytes):
+        if (self._header_count > self._max_headers
+                or self._header_bytes > self._max_header_bytes):
+            if self._upgrade is not None:
+                return  # the made-up head's few headers are the request's own
             self._refuse_headers()
         self._headers.setdefault(name.lower(), value)
 
@@ -332,12 +333,12 @@ class IngestChannel(Protocol):
         request = self._request = IngestRequest(
             self.parser.get_method(), b"".join(self._url), self._headers,
             limits.max_body_size, limits.max_batch_body_size, limits.path_body_limits)
-        try:
-            request.check_declared_length()
-        except TooLarge as too_large:
-            self._refuse_too_large(too_large)
         declared = self._headers.get(b"content-length")
         length = int(declared) if declared is not None else None
+        try:
+            request.check_declared_length(length)
+        except TooLarge as too_large:
+            self._refuse_too_large(too_large)
         share = length if length is not None else min(_FIRST_SHARE, request.limit)
         expect = self._headers.get(b"expect")
         continues = expect is not None and expect.lower() == b"100-continue"
@@ -500,7 +501,7 @@ class IngestChannel(Protocol):
         """Write `answer` now, or in its turn once those before it are
         ready; raise _Stop when it closes the connection."""
         keep_alive = self.parser.should_keep_alive()
-        if isinstance(answer, Deferred) or self._waiting:
+        if not isinstance(answer, tuple) or self._waiting:  # an Answer is a tuple
             if self._answer_later(request, answer, keep_alive):
                 self._done = True  # closes once the answers before it are written
                 raise _Stop()

@@ -228,10 +228,9 @@ class IngestRequest:
     def compressed(self) -> bool:
         return self._inflater is not None
 
-    def check_declared_length(self) -> None:
+    def check_declared_length(self, declared: Optional[int]) -> None:
         """Refuse a declared Content-Length over the limit (raises TooLarge)."""
-        declared = self.headers.get(b"content-length")
-        if declared is not None and int(declared) > self.limit:
+        if declared is not None and declared > self.limit:
             raise TooLarge(self.limit, self.limit != self.max_body_size)
 
     def add_body(self, data: bytes) -> None:
