@@ -89,6 +89,7 @@ _THOUSANDS = repeat(1000)
 _ts_of = itemgetter(Chunk._fields.index("ts"))
 _bodies_of = itemgetter(Chunk._fields.index("bodies"))
 _plain_of = itemgetter(Chunk._fields.index("plain"))
+_segment_of = itemgetter(Chunk._fields.index("segment"))
 _size_of = itemgetter(Chunk._fields.index("size"))
 _first = itemgetter(0)
 
@@ -252,9 +253,13 @@ def encode_batch(
     if validated and all_raw_reason is None:
         # The common case: every body checked on arrival. One object per
         # writer segment, in the order the segments first appear.
-        by_segment: dict[str, list[Chunk]] = {}
-        for chunk in batch.chunks:
-            by_segment.setdefault(chunk.segment, []).append(chunk)
+        by_segment: dict[str, list[Chunk]]
+        if len(set(map(_segment_of, batch.chunks))) == 1:  # no loop over the chunks
+            by_segment = {batch.chunks[0].segment: batch.chunks}
+        else:
+            by_segment = {}
+            for chunk in batch.chunks:
+                by_segment.setdefault(chunk.segment, []).append(chunk)
         objects = []
         for segment, chunks in by_segment.items():
             key_prefix = f"{prefix}/{segment}" if segment else prefix

@@ -33,7 +33,7 @@ def body_error(body: bytes) -> Optional[str]:
     refuses a few things RFC 8259 allows (lone surrogate escapes, numbers
     beyond a double), so what it refuses is judged again by the strict
     stdlib decoder, and the verdict is exactly the spec's."""
-    if body[:1] == b"{" and is_utf8(body):
+    if body[:1] == b"{" and (body.isascii() or is_utf8(body)):
         try:
             if len(RAW_VALUE.decode(body)) == len(body):
                 return None

@@ -117,6 +117,24 @@ class PipelineTests(unittest.TestCase):
         self.assertEqual(self.stored_numbers(), list(range(10)))
         self.assertTrue(state.ready())
 
+    def test_single_events_with_and_without_line_breaks_are_one_line_each(self):
+        """A single event is marked plain at admission unless it holds a CR
+        or LF; either way its object has one line per event, whose body
+        reads back as sent."""
+        self.build(batch_size=4)
+        setup = make_listener(clock=self.clock, queue=self.queue, metrics=self.metrics)
+        bodies = [b'{"n":0}', b'{\r\n  "n": 1\n}', b'{"n":2,"s":"a\\nb"}', b'{"n":\r3}']
+        for body in bodies:
+            [(code, _, _)] = Exchange(setup.listener).send_and_read(post_bytes(body))
+            self.assertEqual(code, 202)
+        self.assertEqual([chunk.plain for chunk in self.queue._chunks],
+                         [True, False, True, False])
+        self.clock.advance(0.05)
+        [obj] = self.store.stored.values()
+        lines = gzip.decompress(obj.data).splitlines()
+        self.assertEqual([json.loads(line)["body"] for line in lines],
+                         [json.loads(body) for body in bodies])
+
     def test_store_failure_goes_to_the_spool_not_the_floor(self):
         error = RetryableStoreError("connection", "ConnectionRefused", "refused")
         self.build(batch_size=3, store=FakeStore(error=error))

@@ -96,6 +96,10 @@ class SocketWriteTests(unittest.TestCase):
         socketwrite.write(transport, b"answer")
         self.assertEqual(transport.value(), b"answer")
 
+    @inlineCallbacks
     def test_a_closing_connection_takes_the_buffered_path(self):
         self.server.transport.loseConnection()
-        self.assertFalse(socketwrite._unbuffered_tcp(self.server.transport))
+        socketwrite.write(self.server.transport, b"last")
+        self.assertEqual(_buffered(self.server.transport), 4)  # sent before the close
+        received = yield self.reader.wait_for(4)
+        self.assertEqual(received, b"last")

@@ -14,7 +14,7 @@ when its buffer fills and notices a broken connection.
 It reads attributes of `twisted.internet.tcp.Connection` that are not
 public (`dataBuffer`, `offset`, `_tempDataBuffer`, `_writeDisconnected`):
 should a Twisted release rename them, every write takes the buffered path
-again rather than failing (see `_unbuffered_tcp`).
+again rather than failing.
 """
 
 from __future__ import annotations
@@ -23,29 +23,23 @@ import errno
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import ITransport
 
 _WOULD_BLOCK = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS))
 
 
-def _unbuffered_tcp(transport: Any) -> bool:
-    """Whether `transport` is a plain TCP server connection, open for
-    writing, with no bytes waiting in Twisted's buffer."""
-    try:
-        return bool(type(transport) is tcp.Server and not transport.TLS
-                and transport.connected and not transport.disconnecting
-                and not transport._writeDisconnected and not transport._tempDataBuffer
-                and transport.offset == len(transport.dataBuffer))
-    except AttributeError:
-        return False
-
-
-def write(transport: ITransport, data: bytes) -> None:
+def write(transport: Any, data: bytes) -> None:
     """`transport.write(data)`, sent in one `send` when nothing is
     buffered (see the module docstring)."""
-    if _unbuffered_tcp(transport):
+    try:
+        unbuffered = (type(transport) is tcp.Server and not transport.TLS
+                      and transport.connected and not transport.disconnecting
+                      and not transport._writeDisconnected and not transport._tempDataBuffer
+                      and transport.offset == len(transport.dataBuffer))
+    except AttributeError:  # a Twisted whose Connection is not what this reads
+        unbuffered = False
+    if unbuffered:
         try:
-            sent = transport.socket.send(data)  # type: ignore[attr-defined]
+            sent = transport.socket.send(data)
         except OSError as error:
             if error.errno not in _WOULD_BLOCK:
                 # Buffered, the next write attempt meets the error again
