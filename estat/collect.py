@@ -123,10 +123,10 @@ class IngestState:
         if len(bodies) == 1:
             body = bodies[0]
             plain = plain or (b"\n" not in body and b"\r" not in body)
-            return self.admission.admit(
+            return self.admit_chunks(
                 [Chunk(self.now_ms(), (body,), segment, plain, len(body))], ACCEPTED)
         chunk = Chunk(self.now_ms(), tuple(bodies), segment, plain, sum(map(len, bodies)))
-        return self.admission.admit([chunk], Answer(
+        return self.admit_chunks([chunk], Answer(
             202, b'{"status":"accepted","events":%d}\n' % len(bodies)))
 
     def admit_chunks(self, chunks: list[Chunk], accepted: Answer = ACCEPTED,

@@ -51,4 +51,3 @@ def write(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
-
