@@ -18,7 +18,7 @@ from estat.codec import (
     raw_line,
     verify_gzip,
 )
-from estat.model import Batch, Event, new_batch_id, object_key
+from estat.model import Batch, Event, line_feeds, new_batch_id, object_key
 from estat.validate import body_error, strict_body_error
 
 TS = 1700000000123  # 2023-11-14T22:13:20.123Z
@@ -101,6 +101,15 @@ class EncodeTests(unittest.TestCase):
         self.assertEqual([base64.b64decode(r["body_b64"]) for r in records],
                          [b'{"a":1}', b'{"b":2}'])
         self.assertEqual({r["error"] for r in records}, {"encode_error"})
+
+    def test_line_feeds_counts_every_lf(self):
+        import random
+        rng = random.Random(3)
+        samples = [b"", b"\n", b"a", b"\n\n\n", b"a\r\nb\nc", bytes(range(256)) * 3]
+        samples += [bytes(rng.choice(b"ab\n\r") for _ in range(rng.randint(0, 200)))
+                    for _ in range(200)]
+        for data in samples:
+            self.assertEqual(line_feeds(data), data.count(b"\n"), data)
 
     def test_body_error_follows_the_json_spec(self):
         self.assertIsNone(body_error(b' {"a": [1, 2.5e3, true, null, "\\ud83d\\ude00"]} '))

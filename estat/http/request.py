@@ -25,6 +25,7 @@ from isal import isal_zlib
 
 from estat.codec import GZIP_WBITS, INFLATE_ERRORS
 from estat.http.zstdframes import ZstdFrames
+from estat.model import line_feeds
 
 NDJSON = b"application/x-ndjson"
 _WHITESPACE = b" \t\r\n"
@@ -252,7 +253,7 @@ class IngestRequest:
             raise TooLarge(self.limit, self.is_batch or self.is_array)
         self._chunks.append(data)
         if self.is_batch:
-            self.lines += data.count(b"\n")
+            self.lines += line_feeds(data)
 
     def drop_body(self) -> None:
         """Forget the body received so far (the rest is not read)."""
@@ -292,7 +293,7 @@ class IngestRequest:
                     raise TooLarge(self.limit, self.is_batch or self.is_array)
                 inflated.append(piece)
                 if self.is_batch:
-                    self.lines += piece.count(b"\n")
+                    self.lines += line_feeds(piece)
                     if not fits(self.lines):
                         return
         except BadEncoding:
