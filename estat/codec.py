@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Optional, cast
 from isal import isal_zlib
 
 from estat.model import (Batch, Chunk, EncodedObject, Event, events_in, events_in_chunks,
-                         line_feeds, object_key, sized)
+                         holds_line_break, line_feeds, object_key, sized)
 from estat.validate import body_error
 
 # isal level 1: about 6x the throughput of zlib level 1 at a slightly better
@@ -46,7 +46,7 @@ _TS = b"%d.%03d"
 def event_line(ts_ms: int, body: bytes) -> bytes:
     """One JSON line. A valid JSON text can hold CR or LF only as whitespace
     between tokens, so they become spaces: same JSON value, one line."""
-    if b"\n" in body or b"\r" in body:
+    if holds_line_break(body):
         body = body.replace(b"\r", b" ").replace(b"\n", b" ")
     seconds, ms = divmod(ts_ms, 1000)
     return b'{"ts":%d.%03d,"body":%s}\n' % (seconds, ms, body)

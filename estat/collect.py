@@ -21,7 +21,7 @@ from estat.http.request import IngestRequest
 from estat.http.response import Answer, Headers, error_body
 from estat.lifecycle import Lifecycle
 from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
-from estat.model import Chunk
+from estat.model import Chunk, holds_line_break
 from estat.pipeline.queue import EventQueue
 from estat.validate import RAW_ARRAY, all_objects, all_start_objects, body_error, is_utf8
 
@@ -122,7 +122,7 @@ class IngestState:
         whole text, with the GIL held)."""
         if len(bodies) == 1:
             body = bodies[0]
-            plain = plain or (b"\n" not in body and b"\r" not in body)
+            plain = plain or not holds_line_break(body)
             return self.admit_chunks(
                 [Chunk(self.now_ms(), (body,), segment, plain, len(body))], ACCEPTED)
         chunk = Chunk(self.now_ms(), tuple(bodies), segment, plain, sum(map(len, bodies)))

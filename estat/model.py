@@ -47,6 +47,12 @@ class Chunk(NamedTuple):
     size: int = -1  # -1: not counted yet (see `sized`)
 
 
+def holds_line_break(body: bytes) -> bool:
+    """Whether `body` holds a CR or LF: a JSON Lines line cannot frame it
+    as it is (two memchr scans)."""
+    return b"\n" in body or b"\r" in body
+
+
 def line_feeds(data: bytes) -> int:
     """How many LF bytes `data` holds. Counted as the length that deleting
     them takes off: CPython 3.11's `bytes.count` of one byte steps through
