@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
@@ -172,7 +172,7 @@ class FaultProxy:
         self.connections: set[_Downstream] = set()
         self.upstreams: set[_Upstream] = set()
         self._listening: Optional[IListeningPort] = None
-        self._gone_waiters: list[Deferred] = []
+        self._gone_waiters: list[tuple[set[Any], Deferred[None]]] = []
 
     @property
     def url(self) -> str:
@@ -212,21 +212,27 @@ class FaultProxy:
         self.delay = delay
 
     def _abort_all(self) -> "Deferred[None]":
+        """Abort every open connection; fire once those are gone. Only
+        those: a client may open new ones meanwhile (in `hang` mode they
+        never close), and waiting for them too would wait for ever."""
+        doomed: set[Any] = self.connections | self.upstreams
         for connection in list(self.connections):
             connection.abort()
         for upstream in list(self.upstreams):
             upstream.transport.abortConnection()
-        if not self.connections and not self.upstreams:
-            return succeed(None)
         waiter: Deferred[None] = Deferred()
-        self._gone_waiters.append(waiter)
+        self._gone_waiters.append((doomed, waiter))
+        self.connection_closed()
         return waiter
 
     def connection_closed(self) -> None:
-        if not self.connections and not self.upstreams and self._gone_waiters:
-            waiters, self._gone_waiters = self._gone_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+        """Fire the waiters whose aborted connections are all gone."""
+        still_open = self.connections | self.upstreams
+        ready = [waiter for doomed, waiter in self._gone_waiters if not doomed & still_open]
+        self._gone_waiters = [(doomed, waiter) for doomed, waiter in self._gone_waiters
+                              if doomed & still_open]
+        for waiter in ready:  # after the list is settled: a callback may abort again
+            waiter.callback(None)
 
     @inlineCallbacks
     def stop(self):  # type: ignore[no-untyped-def]
