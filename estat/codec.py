@@ -21,12 +21,12 @@ import zlib
 from bisect import bisect_left
 from itertools import accumulate, repeat
 from operator import itemgetter
-from typing import Iterable, Iterator, Optional, cast
+from typing import Iterable, Iterator, Optional, Sequence, Union, cast
 
 from isal import isal_zlib
 
-from estat.model import (Batch, Chunk, EncodedObject, Event, events_in, events_in_chunks,
-                         holds_line_break, line_feeds, object_key, sized)
+from estat.model import (Batch, Chunk, EncodedObject, Event, Lines, events_in,
+                         events_in_chunks, holds_line_break, line_feeds, object_key, sized)
 from estat.validate import body_error
 
 # isal level 1: about 6x the throughput of zlib level 1 at a slightly better
@@ -128,14 +128,14 @@ def _chunks_text(chunks: list[Chunk]) -> bytes:
         starts = list(map(formatted.__getitem__, times))
     else:
         starts = list(map(_LINE_START, map(divmod, times, _THOUSANDS)))
-    pieces = [_LINE_END] * (3 * count)
+    pieces: list[Union[bytes, memoryview]] = [_LINE_END] * (3 * count)
     pieces[0::3] = starts
     bodies = list(map(_bodies_of, chunks))
     events = sum(map(len, bodies))
     if events == count:  # one event each (single-event requests)
         pieces[1::3] = map(_first, bodies)
     else:
-        pieces[1::3] = map(bytes.join, map(_LINE_END.__add__, starts), bodies)
+        pieces[1::3] = map(_joined_bodies, starts, bodies)
     text = b"".join(pieces)
     if not all(map(_plain_of, chunks)):
         if line_feeds(text) != events or b"\r" in text:
@@ -143,13 +143,36 @@ def _chunks_text(chunks: list[Chunk]) -> bytes:
     return text
 
 
+def _joined_bodies(start: bytes, bodies: Sequence[bytes]) -> Union[bytes, memoryview]:
+    """A chunk's bodies, each but the first after the end of a line and
+    the line `start`: its lines less the first start and the last end."""
+    if isinstance(bodies, Lines):  # each LF becomes a line's end and the next's start
+        joined = bodies.text.replace(b"\n", _LINE_END + start)
+        return memoryview(joined)[:-len(_LINE_END) - len(start)]
+    return (_LINE_END + start).join(bodies)
+
+
 def _big_chunk_texts(chunk: Chunk) -> Iterator[bytes]:
     """The lines of one chunk of more than _TEXT_SLICE_BYTES, a slice of
     its bodies at a time."""
     bodies = chunk.bodies
+    if isinstance(bodies, Lines):
+        yield from _big_lines_texts(chunk, bodies.text)
+        return
     step = _slice_length(len(bodies), chunk.size)
     for first in range(0, len(bodies), step):
         yield _chunks_text([chunk._replace(bodies=bodies[first:first + step])])
+
+
+def _big_lines_texts(chunk: Chunk, text: bytes) -> Iterator[bytes]:
+    """`_big_chunk_texts` of an NDJSON text: slices of whole lines, cut
+    at the first LF after each _TEXT_SLICE_BYTES."""
+    start = 0
+    while start < len(text):
+        end = text.find(b"\n", start + _TEXT_SLICE_BYTES - 1) + 1 or len(text)
+        piece = text[start:end]
+        yield _chunks_text([chunk._replace(bodies=Lines(piece, line_feeds(piece)))])
+        start = end
 
 
 def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:

@@ -8,7 +8,7 @@ The handlers are plain functions of an `IngestRequest` returning an
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 from urllib.parse import parse_qs
 
 import msgspec
@@ -21,9 +21,10 @@ from estat.http.request import IngestRequest
 from estat.http.response import Answer, Headers, error_body
 from estat.lifecycle import Lifecycle
 from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
-from estat.model import Chunk, holds_line_break
+from estat.model import Chunk, Lines, holds_line_break
 from estat.pipeline.queue import EventQueue
-from estat.validate import RAW_ARRAY, all_objects, all_start_objects, body_error, is_utf8
+from estat.validate import (RAW_ARRAY, all_start_objects, body_error, is_utf8,
+                            lines_are_objects)
 
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
 _MULTIPART = b"multipart/"
@@ -113,7 +114,7 @@ class IngestState:
             return ()
         return ((b"access-control-allow-origin", origin),) + _CORS_ALLOWED
 
-    def admit(self, bodies: list[bytes], segment: str, plain: bool = False) -> MaybeAnswer:
+    def admit(self, bodies: Sequence[bytes], segment: str, plain: bool = False) -> MaybeAnswer:
         """Offer one request's event bodies, received now for one writer,
         all or none: 202 (naming how many, for more than one body), or 503
         with Retry-After (see `admit_chunks`). `plain`: no body holds a CR
@@ -125,7 +126,10 @@ class IngestState:
             plain = plain or not holds_line_break(body)
             return self.admit_chunks(
                 [Chunk(self.now_ms(), (body,), segment, plain, len(body))], ACCEPTED)
-        chunk = Chunk(self.now_ms(), tuple(bodies), segment, plain, sum(map(len, bodies)))
+        if isinstance(bodies, Lines):
+            chunk = Chunk(self.now_ms(), bodies, segment, plain, bodies.size)
+        else:
+            chunk = Chunk(self.now_ms(), tuple(bodies), segment, plain, sum(map(len, bodies)))
         return self.admit_chunks([chunk], Answer(
             202, b'{"status":"accepted","events":%d}\n' % len(bodies)))
 
@@ -274,7 +278,7 @@ class Collect:
                 "invalid_encoding", encoding=encoding,
                 detail=f"the body does not decompress as Content-Encoding: {encoding}"))
         if request.is_batch:
-            return self._collect_lines(request.body, segment)
+            return self._collect_lines(request.body, segment, request.lines)
         if request.is_array:
             return self._collect_array(request.body, segment)
         body = request.body
@@ -292,19 +296,21 @@ class Collect:
                                               expected=_ONE_EVENT))
         return state.admit([body], segment)
 
-    def _collect_lines(self, body: bytes, segment: str) -> MaybeAnswer:
-        """An NDJSON batch: one event per line, blank lines ignored. The
-        common body (LF line ends, no blank line, every line an object
-        within the size limit) is checked whole; any other goes line by
-        line, which also names the line that is wrong."""
+    def _collect_lines(self, body: bytes, segment: str, line_feeds: int) -> MaybeAnswer:
+        """An NDJSON batch of `line_feeds` LFs: one event per line, blank
+        lines ignored. The common body (LF line ends, no blank line, every
+        line an object within the size limit) is checked whole and queued
+        as its text; any other goes line by line, which also names the
+        line that is wrong."""
         state = self.state
-        if state.validate_json and b"\r" not in body:
-            lines = body.split(b"\n")
-            if lines[-1] == b"":
-                lines.pop()
-            if (lines and max(map(len, lines)) <= self.max_event_bytes
-                    and all_objects(lines)):
-                return self.admit_batch(lines, segment, plain=True)
+        if state.validate_json and body and b"\r" not in body:
+            text, count = body, line_feeds
+            if not body.endswith(b"\n"):
+                text, count = body + b"\n", line_feeds + 1
+            if lines_are_objects(text, count, self.max_event_bytes):
+                if count == 1:
+                    return self.admit_batch([text[:-1]], segment, plain=True)
+                return self.admit_batch(Lines(text, count), segment, plain=True)
         events = []
         for number, line in enumerate(body.split(b"\n"), 1):
             if line.endswith(b"\r"):
@@ -354,7 +360,7 @@ class Collect:
             "too_large", **{where: number}, max_bytes=self.max_event_bytes,
             detail=f"each event is at most {self.max_event_bytes} bytes (MAX_BODY_SIZE)"))
 
-    def admit_batch(self, events: list[bytes], segment: str,
+    def admit_batch(self, events: Sequence[bytes], segment: str,
                     plain: bool = False) -> MaybeAnswer:
         """Admit one request's events as a batch: 400 when there are none,
         413 over `max_batch_events`, else `IngestState.admit` (all or none).

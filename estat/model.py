@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from itertools import groupby, repeat
 from operator import itemgetter
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import (Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union,
+                    overload)
 
 
 class Event(NamedTuple):
@@ -29,6 +30,89 @@ class Event(NamedTuple):
     segment: str = ""
 
 
+class Lines(Sequence[bytes]):
+    """The bodies of an NDJSON text, kept as the text that arrived: `text`
+    is `line_count` lines, each one body ended by a LF, none holding a CR. A
+    batch's events move from admission to their object's text as this one
+    buffer: no `bytes` is made per body (splitting a 13,500-line chunk into
+    them, and freeing them, cost 3.3 ms), and the codec frames the lines
+    with one `replace`. The bodies one by one are made only when asked for
+    (a write-ahead log record, a replay, a test)."""
+
+    __slots__ = ("text", "line_count")
+
+    def __init__(self, text: bytes, line_count: int) -> None:
+        self.text = text
+        self.line_count = line_count
+
+    @property
+    def size(self) -> int:
+        """The bodies' total length (the text less its LFs)."""
+        return len(self.text) - self.line_count
+
+    def __len__(self) -> int:
+        return self.line_count
+
+    def bodies(self) -> list[bytes]:
+        lines = self.text.split(b"\n")
+        lines.pop()
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.bodies())
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[bytes, Sequence[bytes]]:
+        return self.bodies()[index]
+
+    def first(self, count: int) -> list[bytes]:
+        """The first `count` bodies (all, when there are fewer), split off
+        the text no further than they reach."""
+        lines = self.text.split(b"\n", count)
+        del lines[min(count, self.line_count):]
+        return lines
+
+    def split_at(self, count: int, size: int) -> tuple["Lines", "Lines"]:
+        """The first `count` lines, whose bodies are `size` bytes, and the
+        rest, each as Lines."""
+        end = size + count
+        text = self.text
+        return Lines(text[:end], count), Lines(text[end:], self.line_count - count)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Lines):
+            return self.text == other.text
+        if isinstance(other, Sequence) and not isinstance(other, (bytes, str)):
+            return self.bodies() == list(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.bodies()))
+
+    def __repr__(self) -> str:
+        return f"Lines({self.text!r}, {self.line_count})"
+
+
+def head_and_tail(bodies: Sequence[bytes], count: int,
+                  size: int) -> tuple[Sequence[bytes], Sequence[bytes]]:
+    """`bodies` cut after the first `count`, which are `size` bytes."""
+    if isinstance(bodies, Lines):
+        return bodies.split_at(count, size)
+    return bodies[:count], bodies[count:]
+
+
+def leading(bodies: Sequence[bytes], count: int) -> Sequence[bytes]:
+    """The first `count` of `bodies` (all, when there are fewer)."""
+    if isinstance(bodies, Lines):
+        return bodies.first(count)
+    return bodies[:count]
+
+
 class Chunk(NamedTuple):
     """Accepted events that share a receive time (ms since the epoch) and a
     writer segment, in order: one request's, or one writer's part of an SDK
@@ -38,10 +122,11 @@ class Chunk(NamedTuple):
     their lines without looking. `size` is the bodies' total length.
     `bodies` is a tuple: a chunk then holds nothing the cyclic garbage
     collector must keep looking at (it stops tracking such tuples), however
-    many wait in the queue."""
+    many wait in the queue; or `Lines`, an NDJSON batch's text.
+    """
 
     ts: int
-    bodies: tuple[bytes, ...]
+    bodies: Sequence[bytes]
     segment: str = ""
     plain: bool = False
     size: int = -1  # -1: not counted yet (see `sized`)
@@ -66,6 +151,8 @@ def sized(chunk: Chunk) -> Chunk:
     if chunk.size >= 0:
         return chunk
     bodies = chunk.bodies
+    if isinstance(bodies, Lines):
+        return chunk._replace(size=bodies.size)
     size = len(bodies[0]) if len(bodies) == 1 else sum(map(len, bodies))
     return chunk._replace(size=size)
 

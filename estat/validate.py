@@ -85,47 +85,49 @@ def all_start_objects(texts: list[bytes]) -> bool:
     return all(map(bytes.startswith, texts, repeat(b"{")))
 
 
-# Lines decoded per msgspec call: the array and its elements' extents are
-# built for this many at a time, not for a whole 13,500-line chunk (about
-# 15 MB more at once), and a slice decodes as fast per line.
-_LINES_PER_DECODE = 1000
+class _Object(msgspec.Struct, gc=False):
+    """Any JSON object: its members are checked and skipped, none kept."""
 
 
-def all_objects(lines: list[bytes]) -> bool:
-    """Whether each of `lines` (none holding a LF) is exactly one JSON
-    object, decided in a few C calls per `_LINES_PER_DECODE` lines: msgspec
-    checks them as one JSON array (building nothing but the elements'
-    extents), and each element must be its line, whole. True means
-    `body_error` is None for every line. False says neither which line is
-    wrong nor that one is: `body_error` line by line decides then, so what
-    msgspec refuses and RFC 8259 allows (a lone surrogate escape, deep
-    nesting) still gets the spec's verdict."""
-    if not lines or not all_start_objects(lines):
+# One line of `lines_are_objects`: a JSON array of exactly one object.
+_WRAPPED_LINE = msgspec.json.Decoder(tuple[_Object])
+
+
+def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
+    """Whether `text`, `count` lines each ended by a LF and holding no CR,
+    is one JSON object per line (whitespace around it allowed), each at
+    most `max_line_bytes` long, decided by a few C calls for the whole
+    text: no line is split off.
+
+    Each line is wrapped as `[line]` (one `replace`) and the lines decoded
+    by msgspec as a JSON value per line, each required to be an array of
+    exactly one object. No value can run past its line: a value ends at
+    the `]` that `]\n[` puts at each line end, since nothing in JSON lets
+    a `[` follow a closing bracket inside a value; so as many values as
+    lines is each line one object, whole. True means `body_error` is None
+    for every line. False says neither which line is wrong nor that one
+    is: `body_error` line by line decides then, so what msgspec refuses
+    and RFC 8259 allows (a lone surrogate escape, deep nesting) still gets
+    the spec's verdict."""
+    if not text.endswith(b"\n") or not is_utf8(text) or not _lines_within(
+            text, max_line_bytes):
         return False
-    if len(lines) <= _LINES_PER_DECODE:
-        return _objects_as_array(lines)
-    return all(_objects_as_array(lines[start:start + _LINES_PER_DECODE])
-               for start in range(0, len(lines), _LINES_PER_DECODE))
-
-
-def _objects_as_array(lines: list[bytes]) -> bool:
-    """all_objects for lines that each begin with `{`, in one decode."""
-    # The array is built by one join, the brackets put on the first and
-    # last lines of a copy of the list: `b"[" + b",".join(lines) + b"]"`
-    # copied the whole text twice more, which cost as much as decoding it.
-    wrapped = list(lines)
-    if len(wrapped) == 1:
-        wrapped[0] = b"[" + wrapped[0] + b"]"
-    else:
-        wrapped[0] = b"[" + wrapped[0]
-        wrapped[-1] = wrapped[-1] + b"]"
-    array = b",".join(wrapped)
-    if not is_utf8(array):
-        return False
+    wrapped = b"[" + text.replace(b"\n", b"]\n[")
     try:
-        values = RAW_ARRAY.decode(array)
+        values = _WRAPPED_LINE.decode_lines(memoryview(wrapped)[:-1])
     except (msgspec.DecodeError, RecursionError):
         return False
-    # Elements are separated by at least the commas put between the lines:
-    # as many elements as lines, each as long as its line, is each line whole.
-    return len(values) == len(lines) and list(map(len, values)) == list(map(len, lines))
+    return len(values) == count
+
+
+def _lines_within(text: bytes, max_line_bytes: int) -> bool:
+    """Whether no line of `text` (which ends with a LF) is longer than
+    `max_line_bytes`: a LF in every window of half that many bytes says
+    so with one memchr per window; only when a window has none are the
+    lines measured."""
+    step = max(1, max_line_bytes // 2)
+    find = text.find
+    for start in range(0, len(text), step):
+        if find(b"\n", start, start + step) < 0:
+            return max(map(len, text.split(b"\n"))) <= max_line_bytes
+    return True

@@ -286,3 +286,23 @@ class ChunkTextTests(unittest.TestCase):
         big = [b'{"pad":"%s","n":%d}' % (b"x" * 200, n) for n in range(lines)]
         small = [Chunk(1_700_000_000_000 + n, [b'{"s":%d}' % n]) for n in range(30_000)]
         self.assert_event_lines([Chunk(5, big, "", True), *small, Chunk(6, big + [b'{"\n":1}'])])
+
+    def test_ndjson_texts_kept_whole_frame_as_their_lines(self):
+        """A chunk that is an NDJSON text (`Lines`) frames as its bodies
+        one by one would, whether it is one line, a few, or longer than a
+        slice, and among chunks of single bodies."""
+        from estat.codec import _TEXT_SLICE_BYTES
+        from estat.model import Chunk, Lines
+
+        def lines_chunk(ts: int, bodies: list[bytes]) -> Chunk:
+            return Chunk(ts, Lines(b"".join(body + b"\n" for body in bodies), len(bodies)),
+                         "", True)
+
+        few = [b'{"n":%d}' % n for n in range(5)]
+        self.assert_event_lines([lines_chunk(1, few[:1])])
+        self.assert_event_lines([lines_chunk(1, few), Chunk(2, [b'{"o":1}']),
+                                 lines_chunk(3, few[::-1])])
+        count = 2 * _TEXT_SLICE_BYTES // 200 + 1
+        big = [b'{"pad":"%s","n":%d}' % (b"x" * 200, n) for n in range(count)]
+        self.assert_event_lines([lines_chunk(5, big)])
+        self.assert_event_lines([Chunk(4, [b'{"s":1}']), lines_chunk(5, big), lines_chunk(6, few)])

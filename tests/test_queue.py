@@ -7,7 +7,7 @@ import random
 
 from twisted.trial import unittest
 
-from estat.model import Chunk, Event, events_in
+from estat.model import Chunk, Event, Lines, events_in
 from estat.pipeline.queue import EventQueue
 
 
@@ -95,7 +95,8 @@ class TakeTests(unittest.TestCase):
 
 class TakeCutTests(unittest.TestCase):
     """`take`'s cut (found by bisection) is the one a walk over the events
-    gives, for any mix of offers and takes, sizes and budgets."""
+    gives, for any mix of offers and takes, sizes and budgets, and of
+    chunks of bodies and NDJSON texts."""
 
     def test_take_matches_a_walk_over_the_events(self):
         rng = random.Random(7)
@@ -103,9 +104,15 @@ class TakeCutTests(unittest.TestCase):
         mirror: list[Event] = []
         for step in range(3000):
             if rng.random() < 0.6:
-                chunks = [Chunk(step * 10 + c, [b"x" * rng.choice((0, 1, 5, 40, 300))
-                                                for _ in range(rng.randint(1, 30))])
-                          for c in range(rng.choice((1, 1, 1, 2, 3)))]
+                chunks = []
+                for c in range(rng.choice((1, 1, 1, 2, 3))):
+                    bodies = [b"x" * rng.choice((0, 1, 5, 40, 300))
+                              for _ in range(rng.randint(1, 30))]
+                    if rng.random() < 0.5:  # an NDJSON text, kept whole
+                        chunks.append(Chunk(step * 10 + c, Lines(
+                            b"".join(body + b"\n" for body in bodies), len(bodies))))
+                    else:
+                        chunks.append(Chunk(step * 10 + c, bodies))
                 if queue.offer(chunks):
                     mirror.extend(events_in(chunks))
             else:

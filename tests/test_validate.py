@@ -1,4 +1,4 @@
-"""all_objects: the whole-batch check says True only when body_error,
+"""lines_are_objects: the whole-batch check says True only when body_error,
 line by line, finds every line a JSON object; on the rest the line-by-line
 pass decides, so the batch verdict is the same either way."""
 
@@ -8,7 +8,7 @@ import random
 
 from twisted.trial import unittest
 
-from estat.validate import all_objects, body_error, is_utf8, strict_body_error
+from estat.validate import body_error, is_utf8, lines_are_objects, strict_body_error
 
 GOOD = [b'{"a":1}', b'{}', b'{"s":"caf\xc3\xa9","n":[1,2.5e3,{"x":null}]}',
         b'{"deep":' + b"[" * 200 + b"]" * 200 + b"}", b'{"big":1e999}', b'{"t":true,"f":false}']
@@ -28,7 +28,15 @@ class BodyErrorTests(unittest.TestCase):
             self.assertEqual(body_error(body), strict_body_error(body), body)
 
 
-class AllObjectsTests(unittest.TestCase):
+def text_of(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+def all_objects(lines: list[bytes], max_line_bytes: int = 1 << 20) -> bool:
+    return lines_are_objects(text_of(lines), len(lines), max_line_bytes)
+
+
+class LinesAreObjectsTests(unittest.TestCase):
     def test_agrees_with_body_error_line_by_line(self):
         rng = random.Random(7)
         pool = GOOD + BAD
@@ -39,29 +47,40 @@ class AllObjectsTests(unittest.TestCase):
                 self.assertTrue(every_object, lines)
             elif every_object:
                 # allowed only where the fast check is stricter than RFC
-                # 8259: a lone surrogate escape, whitespace around the object
-                self.assertTrue(any(b"\\ud800" in line or line != line.strip()
-                                    for line in lines), lines)
+                # 8259: a lone surrogate escape
+                self.assertTrue(any(b"\\ud800" in line for line in lines), lines)
 
     def test_the_common_batch_passes_whole(self):
         self.assertTrue(all_objects([b'{"n":%d}' % n for n in range(100)]))
         self.assertTrue(all_objects(GOOD[:5]))
-        self.assertFalse(all_objects([]))
+        self.assertTrue(all_objects([b' {"a":1}', b'{"a":1}\t']))  # RFC 8259 whitespace
 
-    def test_a_long_batch_is_decided_slice_by_slice_whole(self):
-        # Longer than one decode's slice: every slice must pass, and a pair
-        # of lines that read as objects only when joined fails wherever the
-        # slices are cut.
-        lines = [b'{"n":%d}' % n for n in range(2500)]
-        self.assertTrue(all_objects(lines))
-        for at in (0, 999, 1000, 1700, 2499):
-            broken = list(lines)
-            broken[at] = b'{"n":NaN}'
-            self.assertFalse(all_objects(broken), at)
-        for at in (998, 999, 1000):
-            straddling = list(lines)
-            straddling[at:at + 2] = [b'{"a":"', b'","b":1},{"c":2}']
-            self.assertFalse(all_objects(straddling), at)
+    def test_no_value_runs_past_its_line(self):
+        # Texts whose values, read as a stream, would each be whole
+        # objects, or as many as the lines, if a value could cross a LF.
+        for text, count in [(b'{"a":\n1}\n', 2), (b'{"a":1}{"b":2}\n\n', 2),
+                            (b'{"a":"}\n{"}\n', 2), (b'{"a":1}][{"b":2}\n{"c":[\n1]}\n', 3),
+                            (b'\n{"a":1}\n', 2), (b'{"a":1}\n \n', 2),
+                            (b'{"a":1},{"b":1}\n', 1), (b'{"a":[1,\n{"b":2}]}\n', 2)]:
+            self.assertFalse(lines_are_objects(text, count, 1 << 20), text)
+
+    def test_the_count_must_be_the_lines(self):
+        text = text_of([b'{"n":%d}' % n for n in range(10)])
+        self.assertTrue(lines_are_objects(text, 10, 100))
+        self.assertFalse(lines_are_objects(text, 9, 100))
+        self.assertFalse(lines_are_objects(text, 11, 100))
+        self.assertFalse(lines_are_objects(text[:-1], 10, 100), "the last line needs its LF")
+        self.assertFalse(lines_are_objects(b"", 0, 100))
+
+    def test_a_line_over_the_limit_fails_wherever_it_is(self):
+        for limit in (9, 10, 64, 1000):
+            for long_at in (0, 3, 49):
+                lines = [b'{"n":%d}' % (n % 10) for n in range(50)]  # 7 bytes each
+                self.assertTrue(all_objects(lines, limit), limit)
+                lines[long_at] = b'{"s":"' + b"x" * (limit - 7) + b'"}'  # limit + 1 bytes
+                self.assertFalse(all_objects(lines, limit), (limit, long_at))
+                lines[long_at] = lines[long_at][:6] + lines[long_at][7:]  # limit bytes
+                self.assertTrue(all_objects(lines, limit), (limit, long_at))
 
     def test_is_utf8(self):
         self.assertTrue(is_utf8(b"ascii"))

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from estat.metrics import Metrics
-from estat.model import Batch, Chunk, Event, events_in
+from estat.model import Batch, Chunk, Event, Lines, events_in
 from estat.wal import segment as seg
 from estat.wal.ledger import Ledger, wal_batch_id
 from estat.wal.recovery import cut_batches
@@ -52,6 +52,11 @@ class SegmentFormat(unittest.TestCase):
                                         Event(6, b'{"c":3}', "shop")])
         self.assertEqual(found.cuts, [Cut(42, 0, 3)])
         self.assertEqual((found.records, found.end, found.event_count), (3, len(data), 3))
+
+    def test_an_ndjson_text_is_logged_as_its_bodies(self):
+        text = Lines(b'{"b":2}\n{"c":3}\n', 2)
+        self.assertEqual(seg.events_record(Chunk(6, text, "shop")),
+                         seg.events_record(_chunk(6, b'{"b":2}', b'{"c":3}', segment="shop")))
 
     def test_a_torn_tail_at_every_byte_of_the_last_record_is_cut_off(self):
         data, starts = self._data()

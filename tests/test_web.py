@@ -195,9 +195,10 @@ class CollectTests(ListenerTestCase):
         from estat.http import request as request_module
 
         validated: list[int] = []
-        original_validate = collect.all_objects
-        self.patch(collect, "all_objects",
-                   lambda lines: (validated.append(len(lines)), original_validate(lines))[1])
+        original_validate = collect.lines_are_objects
+        self.patch(collect, "lines_are_objects",
+                   lambda text, count, limit: (validated.append(count),
+                                               original_validate(text, count, limit))[1])
         inflated: list[bytes] = []
         original_pieces = request_module._Zlib.pieces
 

@@ -14,7 +14,8 @@ from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from typing import Iterator, Optional
 
-from estat.model import Chunk, Event, events_in, events_in_chunks, sized
+from estat.model import (Chunk, Event, events_in, events_in_chunks, head_and_tail, leading,
+                         sized)
 
 
 class EventQueue:
@@ -129,15 +130,16 @@ class EventQueue:
         within both)."""
         chunk = self._chunks[0]
         bodies = chunk.bodies
-        sizes = list(accumulate(map(len, bodies[:max_events])))
+        sizes = list(accumulate(map(len, leading(bodies, max_events))))
         count = min(max_events, bisect_left(sizes, max_bytes) + 1)
         count = min(count, len(bodies))
         size = sizes[count - 1]
-        front = chunk._replace(bodies=bodies[:count], size=size)
         if count == len(bodies):
             self._advance(1, self._event_ends[0], self._byte_ends[0])
-            return front
-        self._chunks[0] = chunk._replace(bodies=bodies[count:], size=chunk.size - size)
+            return chunk
+        head, tail = head_and_tail(bodies, count, size)
+        front = chunk._replace(bodies=head, size=size)
+        self._chunks[0] = chunk._replace(bodies=tail, size=chunk.size - size)
         self._count -= count
         self.bytes -= size
         self._taken_events += count
