@@ -84,6 +84,8 @@ _LINE_START = (b'{"ts":' + _TS + b',"body":').__mod__  # of (seconds, ms)
 _LINE_END = b"}\n"
 
 
+# A piece of an object's text: a memoryview where slicing a bytes would copy.
+Text = Union[bytes, memoryview]
 _THOUSANDS = repeat(1000)
 # Chunk fields by position, for map() over many chunks.
 _ts_of = itemgetter(Chunk._fields.index("ts"))
@@ -99,7 +101,7 @@ def _slice_length(count: int, total_bytes: int) -> int:
     return max(1, _TEXT_SLICE_BYTES * count // max(1, total_bytes))
 
 
-def _texts_of_chunks(chunks: list[Chunk]) -> Iterator[bytes]:
+def _texts_of_chunks(chunks: list[Chunk]) -> Iterator[Text]:
     """The JSON Lines of valid events without a writer segment, as
     `event_line` makes them: slices of about _TEXT_SLICE_BYTES, each of
     consecutive chunks, or of part of a chunk bigger than that."""
@@ -128,7 +130,7 @@ def _chunks_text(chunks: list[Chunk]) -> bytes:
         starts = list(map(formatted.__getitem__, times))
     else:
         starts = list(map(_LINE_START, map(divmod, times, _THOUSANDS)))
-    pieces: list[Union[bytes, memoryview]] = [_LINE_END] * (3 * count)
+    pieces: list[Text] = [_LINE_END] * (3 * count)
     pieces[0::3] = starts
     bodies = list(map(_bodies_of, chunks))
     events = sum(map(len, bodies))
@@ -143,7 +145,7 @@ def _chunks_text(chunks: list[Chunk]) -> bytes:
     return text
 
 
-def _joined_bodies(start: bytes, bodies: Sequence[bytes]) -> Union[bytes, memoryview]:
+def _joined_bodies(start: bytes, bodies: Sequence[bytes]) -> Text:
     """A chunk's bodies, each but the first after the end of a line and
     the line `start`: its lines less the first start and the last end."""
     if isinstance(bodies, Lines):  # each LF becomes a line's end and the next's start
@@ -152,7 +154,7 @@ def _joined_bodies(start: bytes, bodies: Sequence[bytes]) -> Union[bytes, memory
     return (_LINE_END + start).join(bodies)
 
 
-def _big_chunk_texts(chunk: Chunk) -> Iterator[bytes]:
+def _big_chunk_texts(chunk: Chunk) -> Iterator[Text]:
     """The lines of one chunk of more than _TEXT_SLICE_BYTES, a slice of
     its bodies at a time."""
     bodies = chunk.bodies
@@ -164,15 +166,24 @@ def _big_chunk_texts(chunk: Chunk) -> Iterator[bytes]:
         yield _chunks_text([chunk._replace(bodies=bodies[first:first + step])])
 
 
-def _big_lines_texts(chunk: Chunk, text: bytes) -> Iterator[bytes]:
-    """`_big_chunk_texts` of an NDJSON text: slices of whole lines, cut
-    at the first LF after each _TEXT_SLICE_BYTES."""
-    start = 0
-    while start < len(text):
-        end = text.find(b"\n", start + _TEXT_SLICE_BYTES - 1) + 1 or len(text)
-        piece = text[start:end]
-        yield _chunks_text([chunk._replace(bodies=Lines(piece, line_feeds(piece)))])
-        start = end
+def _big_lines_texts(chunk: Chunk, text: bytes) -> Iterator[Text]:
+    """`_big_chunk_texts` of an NDJSON text, a slice of whole lines (to the
+    first LF after each _TEXT_SLICE_BYTES) at a time: each LF becomes a
+    line's end and the next line's start, so that the slices follow one
+    another as they are, after the first line's start and but for the
+    last line start they make."""
+    line_start = _LINE_START(divmod(chunk.ts, 1000))
+    separator = _LINE_END + line_start
+    yield line_start
+    begin = 0
+    while True:
+        end = text.find(b"\n", begin + _TEXT_SLICE_BYTES - 1) + 1 or len(text)
+        framed = text[begin:end].replace(b"\n", separator)
+        if end == len(text):
+            yield memoryview(framed)[:-len(line_start)]
+            return
+        yield framed
+        begin = end
 
 
 def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:
@@ -181,7 +192,7 @@ def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:
         yield b"".join(lines[start:start + step])
 
 
-def _gzip_texts(texts: Iterable[bytes]) -> tuple[bytes, int]:
+def _gzip_texts(texts: Iterable[Text]) -> tuple[bytes, int]:
     """One gzip member of the texts in order, and their total length; the
     whole text is never one buffer."""
     compressor = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, GZIP_WBITS)
@@ -243,7 +254,7 @@ def verify_gzip_stream(chunks: Iterable[bytes], uncompressed_bytes: int,
     return lines
 
 
-def _encoded(texts: Iterable[bytes], count: int, first_ts_ms: int, last_ts_ms: int,
+def _encoded(texts: Iterable[Text], count: int, first_ts_ms: int, last_ts_ms: int,
              key: str, batch: Batch, kind: str) -> EncodedObject:
     data, size = _gzip_texts(texts)
     verify_gzip(data, size)

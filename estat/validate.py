@@ -91,6 +91,10 @@ class _Object(msgspec.Struct, gc=False):
 
 # One line of `lines_are_objects`: a JSON array of exactly one object.
 _WRAPPED_LINE = msgspec.json.Decoder(tuple[_Object])
+# The text is decoded in slices of whole lines of about this many bytes:
+# what a slice's decode makes (its wrapped copy, a value per line, a str
+# for a UTF-8 check) is a fraction of a big batch's text, not twice it.
+_DECODE_SLICE_BYTES = 256 * 1024
 
 
 def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
@@ -99,25 +103,32 @@ def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
     most `max_line_bytes` long, decided by a few C calls for the whole
     text: no line is split off.
 
-    Each line is wrapped as `[line]` (one `replace`) and the lines decoded
-    by msgspec as a JSON value per line, each required to be an array of
+    Each line is wrapped as `[line]` (one `replace` per slice of lines)
+    and the lines decoded by msgspec as a JSON value per line, each required to be an array of
     exactly one object. No value can run past its line: a value ends at
     the `]` that `]\n[` puts at each line end, since nothing in JSON lets
-    a `[` follow a closing bracket inside a value; so as many values as
-    lines is each line one object, whole. True means `body_error` is None
+    a `[` follow a closing bracket inside a value; and each line holds
+    one at least, so as many values as lines is each line one object,
+    whole. True means `body_error` is None
     for every line. False says neither which line is wrong nor that one
     is: `body_error` line by line decides then, so what msgspec refuses
     and RFC 8259 allows (a lone surrogate escape, deep nesting) still gets
     the spec's verdict."""
-    if not text.endswith(b"\n") or not is_utf8(text) or not _lines_within(
-            text, max_line_bytes):
+    if not text.endswith(b"\n") or not _lines_within(text, max_line_bytes):
         return False
-    wrapped = b"[" + text.replace(b"\n", b"]\n[")
-    try:
-        values = _WRAPPED_LINE.decode_lines(memoryview(wrapped)[:-1])
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return len(values) == count
+    values = begin = 0
+    while begin < len(text):
+        end = text.find(b"\n", begin + _DECODE_SLICE_BYTES - 1) + 1 or len(text)
+        piece = text[begin:end] if begin or end < len(text) else text
+        if not is_utf8(piece):
+            return False
+        wrapped = b"[" + piece.replace(b"\n", b"]\n[")
+        try:
+            values += len(_WRAPPED_LINE.decode_lines(memoryview(wrapped)[:-1]))
+        except (msgspec.DecodeError, RecursionError):
+            return False
+        begin = end
+    return values == count
 
 
 def _lines_within(text: bytes, max_line_bytes: int) -> bool:

@@ -87,3 +87,26 @@ class LinesAreObjectsTests(unittest.TestCase):
         self.assertTrue(is_utf8("café".encode()))
         self.assertFalse(is_utf8(b"\xff"))
         self.assertFalse(is_utf8(b"\xed\xa0\x80"))  # an encoded surrogate
+
+
+class LinesAreObjectsSliceTests(unittest.TestCase):
+    def test_a_text_longer_than_a_slice_is_decided_whole(self):
+        # Decoded a slice of lines at a time: every slice must pass, and a
+        # pair of lines that read as objects only when joined fails
+        # wherever the slices are cut.
+        from estat import validate
+
+        self.patch(validate, "_DECODE_SLICE_BYTES", 64)
+        lines = [b'{"n":%d}' % n for n in range(300)]
+        self.assertTrue(all_objects(lines))
+        self.assertFalse(lines_are_objects(text_of(lines), 299, 1000))
+        for at in (0, 7, 8, 150, 299):
+            broken = list(lines)
+            broken[at] = b'{"n":NaN}'
+            self.assertFalse(all_objects(broken), at)
+        for at in range(0, 20):
+            straddling = list(lines)
+            straddling[at:at + 2] = [b'{"a":', b'1}']
+            self.assertFalse(all_objects(straddling), at)
+            straddling[at:at + 2] = [b'{"a":"\xc3', b'\xa9"}']  # a character cut by a LF
+            self.assertFalse(all_objects(straddling), at)
