@@ -110,3 +110,25 @@ class LinesAreObjectsSliceTests(unittest.TestCase):
             self.assertFalse(all_objects(straddling), at)
             straddling[at:at + 2] = [b'{"a":"\xc3', b'\xa9"}']  # a character cut by a LF
             self.assertFalse(all_objects(straddling), at)
+
+
+class LinesAreObjectsFuzz(unittest.TestCase):
+    def test_true_only_when_every_line_is_an_object(self):
+        """Texts made of JSON's structural characters and line ends, in any
+        order: whenever the whole-text check says yes, each line on its own
+        is one JSON object by the strict decoder (and it does say yes to
+        hundreds of them)."""
+        tokens = [b"{", b"}", b"[", b"]", b'"', b",", b":", b" ", b"1", b'"a"', b"\\",
+                  b"\n", b'{"a":1}', b"null"]
+        rng = random.Random(11)
+        accepted = 0
+        for _ in range(60_000):
+            text = b"".join(rng.choice(tokens) for _ in range(rng.randint(0, 24)))
+            if not text.endswith(b"\n"):
+                text += b"\n"
+            lines = text.split(b"\n")[:-1]
+            if lines_are_objects(text, len(lines), 1 << 20):
+                accepted += 1
+                for line in lines:
+                    self.assertIsNone(strict_body_error(line), (text, line))
+        self.assertGreater(accepted, 100)
