@@ -303,6 +303,12 @@ class Collect:
         as its text; any other goes line by line, which also names the
         line that is wrong."""
         state = self.state
+        if line_feeds + (not body.endswith(b"\n")) > self.max_batch_events:
+            # Refused before a line is split off or checked: blank lines hold
+            # no event, but a body of more lines than a batch's events would
+            # cost a Python step each (and a 20 MiB body of LFs, which
+            # compresses to 20 KB, a 160 MB list) only to be refused.
+            return self._too_many_events("lines")
         if state.validate_json and body and b"\r" not in body:
             text, count = body, line_feeds
             if not body.endswith(b"\n"):
@@ -371,12 +377,15 @@ class Collect:
             return Answer(400, error_body("invalid_json", detail="no_events",
                                           expected="at least one event"))
         if len(events) > self.max_batch_events:
-            state.count_rejected("too_large")
-            return Answer(413, error_body(
-                "too_many_events", max_events=self.max_batch_events,
-                detail=f"a batch holds at most {self.max_batch_events} events "
-                       "(MAX_BATCH_EVENTS): send smaller chunks"))
+            return self._too_many_events("events")
         return state.admit(events, segment, plain)
+
+    def _too_many_events(self, what: str) -> Answer:
+        self.state.count_rejected("too_large")
+        return Answer(413, error_body(
+            "too_many_events", max_events=self.max_batch_events,
+            detail=f"a batch holds at most {self.max_batch_events} {what} "
+                   "(MAX_BATCH_EVENTS): send smaller chunks"))
 
     def _unsupported(self) -> Answer:
         self.state.count_rejected("unsupported_media_type")

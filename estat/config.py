@@ -193,7 +193,7 @@ OPTIONS: tuple[Option, ...] = (
            "largest accepted batch (application/x-ndjson or a JSON array) in "
            "bytes, after decompression (413 above)"),
     Option("max-batch-events", "MAX_BATCH_EVENTS", parse_positive_int, "50000",
-           "most events in one batch (413 above)"),
+           "most events in one batch, and lines in an NDJSON one (413 above)"),
     Option("request-bodies-max-bytes", "REQUEST_BODIES_MAX_BYTES", parse_positive_size,
            "64MiB", "request bodies being received at once, as they arrive "
            "(a compressed body compressed), over all connections; a request "

@@ -114,7 +114,7 @@ def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
     is: `body_error` line by line decides then, so what msgspec refuses
     and RFC 8259 allows (a lone surrogate escape, deep nesting) still gets
     the spec's verdict."""
-    if not text.endswith(b"\n") or not _lines_within(text, max_line_bytes):
+    if not text.endswith(b"\n") or not _lines_within(text, count, max_line_bytes):
         return False
     values = begin = 0
     while begin < len(text):
@@ -131,14 +131,21 @@ def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
     return values == count
 
 
-def _lines_within(text: bytes, max_line_bytes: int) -> bool:
-    """Whether no line of `text` (which ends with a LF) is longer than
-    `max_line_bytes`: a LF in every window of half that many bytes says
-    so with one memchr per window; only when a window has none are the
-    lines measured."""
+def _lines_within(text: bytes, count: int, max_line_bytes: int) -> bool:
+    """Whether no line of `text` (`count` lines, the last ended by a LF) is
+    longer than `max_line_bytes`: a LF in every window of half that many
+    bytes says so with one memchr per window. The lines are measured
+    instead when a window has none, or when there would be more than one
+    window per eight lines (a limit near the lines' own length), so that
+    the windows never take a Python step per line."""
+    if len(text) <= max_line_bytes:
+        return True
     step = max(1, max_line_bytes // 2)
-    find = text.find
-    for start in range(0, len(text), step):
-        if find(b"\n", start, start + step) < 0:
-            return max(map(len, text.split(b"\n"))) <= max_line_bytes
-    return True
+    if len(text) <= step * (count // 8 + 1):
+        find = text.find
+        for start in range(0, len(text), step):
+            if find(b"\n", start, start + step) < 0:
+                break
+        else:
+            return True
+    return max(map(len, text.split(b"\n"))) <= max_line_bytes

@@ -373,6 +373,22 @@ class BatchAndGzipTests(ListenerTestCase):
         self.assertEqual(answer["max_bytes"], 256)
         self.assertEqual(list(self.queue), [])
 
+    def test_more_lines_than_a_batch_holds_are_refused_unsplit(self):
+        """Blank lines hold no event, but a body of more lines than
+        MAX_BATCH_EVENTS is refused before any is split off or checked."""
+        from estat import collect
+
+        code, answer = self.send(b"\n" * 4)
+        self.assertEqual((code, answer["detail"]), (400, "no_events"))
+        self.patch(collect, "lines_are_objects", lambda *args: self.fail("validated"))
+        for body in (b"\n" * 6, b'{"a":1}\n' * 4 + b"\n", b'{"a":1}\n' * 4 + b'{"a":1}'):
+            self.setup_listener()  # none expects lines per byte from the last body
+            code, answer = self.send(body)
+            self.assertEqual((code, answer["error"], answer["max_events"]),
+                             (413, "too_many_events", 4), body)
+            self.assertIn("4 lines (MAX_BATCH_EVENTS)", answer["detail"])
+        self.assertEqual(list(self.queue), [])
+
     def test_batch_that_does_not_fit_the_queue_is_refused_whole(self):
         for i in range(8):
             self.queue.offer([Chunk(1, [b"{}"])])
