@@ -168,10 +168,10 @@ def _big_chunk_texts(chunk: Chunk) -> Iterator[Text]:
 
 def _big_lines_texts(chunk: Chunk, text: bytes) -> Iterator[Text]:
     """`_big_chunk_texts` of an NDJSON text, a slice of whole lines (to the
-    first LF after each _TEXT_SLICE_BYTES) at a time: each LF becomes a
-    line's end and the next line's start, so that the slices follow one
-    another as they are, after the first line's start and but for the
-    last line start they make."""
+    first LF after each _TEXT_SLICE_BYTES) at a time. Each LF becomes a
+    line's end and the next line's start, so the framed slices follow one
+    another as they are: the first line's start comes before them, and
+    the start that the text's last LF makes is cut off."""
     line_start = _LINE_START(divmod(chunk.ts, 1000))
     separator = _LINE_END + line_start
     yield line_start
