@@ -19,9 +19,9 @@ import re
 import time
 import zlib
 from bisect import bisect_left
-from itertools import accumulate, repeat
-from operator import itemgetter
-from typing import Iterable, Iterator, Optional, Sequence, Union, cast
+from itertools import accumulate, groupby, repeat
+from operator import attrgetter, is_, itemgetter
+from typing import Iterable, Iterator, Optional, Sequence, cast
 
 from isal import isal_zlib
 
@@ -84,8 +84,6 @@ _LINE_START = (b'{"ts":' + _TS + b',"body":').__mod__  # of (seconds, ms)
 _LINE_END = b"}\n"
 
 
-# A piece of an object's text: a memoryview where slicing a bytes would copy.
-Text = Union[bytes, memoryview]
 _THOUSANDS = repeat(1000)
 # Chunk fields by position, for map() over many chunks.
 _ts_of = itemgetter(Chunk._fields.index("ts"))
@@ -94,6 +92,8 @@ _plain_of = itemgetter(Chunk._fields.index("plain"))
 _segment_of = itemgetter(Chunk._fields.index("segment"))
 _size_of = itemgetter(Chunk._fields.index("size"))
 _first = itemgetter(0)
+_TEXT_OF = attrgetter("text")  # of a Lines
+_ALL_BUT_LAST_BYTE = itemgetter(slice(None, -1))
 
 
 def _slice_length(count: int, total_bytes: int) -> int:
@@ -101,7 +101,7 @@ def _slice_length(count: int, total_bytes: int) -> int:
     return max(1, _TEXT_SLICE_BYTES * count // max(1, total_bytes))
 
 
-def _texts_of_chunks(chunks: list[Chunk]) -> Iterator[Text]:
+def _texts_of_chunks(chunks: list[Chunk]) -> Iterator[bytes]:
     """The JSON Lines of valid events without a writer segment, as
     `event_line` makes them: slices of about _TEXT_SLICE_BYTES, each of
     consecutive chunks, or of part of a chunk bigger than that."""
@@ -130,35 +130,50 @@ def _chunks_text(chunks: list[Chunk]) -> bytes:
         starts = list(map(formatted.__getitem__, times))
     else:
         starts = list(map(_LINE_START, map(divmod, times, _THOUSANDS)))
-    pieces: list[Text] = [_LINE_END] * (3 * count)
+    pieces = [_LINE_END] * (3 * count)
     pieces[0::3] = starts
     bodies = list(map(_bodies_of, chunks))
-    events = sum(map(len, bodies))
-    if events == count:  # one event each (single-event requests)
+    texts = list(map(is_, map(type, bodies), repeat(Lines)))
+    if any(texts):
+        pieces[1::3] = _framed_runs(texts, starts, bodies)
+    elif sum(map(len, bodies)) == count:  # one event each (single-event requests)
         pieces[1::3] = map(_first, bodies)
     else:
-        pieces[1::3] = map(_joined_bodies, starts, bodies)
+        pieces[1::3] = map(bytes.join, map(_LINE_END.__add__, starts), bodies)
     text = b"".join(pieces)
     if not all(map(_plain_of, chunks)):
-        if line_feeds(text) != events or b"\r" in text:
+        if line_feeds(text) != events_in_chunks(chunks) or b"\r" in text:
             return b"".join([event_line(ts, body) for ts, body, _ in events_in(chunks)])
     return text
 
 
-def _joined_bodies(start: bytes, bodies: Sequence[bytes]) -> Text:
-    """A chunk's bodies, each but the first after the end of a line and
-    the line `start`: its lines less the first start and the last end."""
-    if isinstance(bodies, Lines):  # each LF becomes a line's end and the next's start
-        joined = bodies.text.replace(b"\n", _LINE_END + start)
-        return memoryview(joined)[:-len(_LINE_END) - len(start)]
-    return (_LINE_END + start).join(bodies)
+def _framed_runs(texts: list[bool], starts: list[bytes],
+                 bodies: list[Sequence[bytes]]) -> list[bytes]:
+    """Each chunk's bodies, each but the first after the end of a line and
+    the chunk's line start (its lines less the first start and the last
+    end): an NDJSON text (`texts` says which) with each LF but the last
+    replaced, other bodies joined. Done by C-level maps over each run of
+    chunks of one kind, with no Python call per chunk: a function called
+    per chunk on the encoding thread doubled the p99 of 100-line batches
+    (2.5 against 5.5 ms at half the maximum rate), the reactor waiting for
+    the GIL."""
+    framed: list[bytes] = []
+    for is_text, run in groupby(zip(texts, starts, bodies), key=_first):
+        _, run_starts, run_bodies = zip(*run)
+        separators = map(_LINE_END.__add__, run_starts)
+        if is_text:
+            framed.extend(map(bytes.replace, map(_ALL_BUT_LAST_BYTE, map(_TEXT_OF, run_bodies)),
+                              repeat(b"\n"), separators))
+        else:
+            framed.extend(map(bytes.join, separators, run_bodies))
+    return framed
 
 
-def _big_chunk_texts(chunk: Chunk) -> Iterator[Text]:
+def _big_chunk_texts(chunk: Chunk) -> Iterator[bytes]:
     """The lines of one chunk of more than _TEXT_SLICE_BYTES, a slice of
     its bodies at a time."""
     bodies = chunk.bodies
-    if isinstance(bodies, Lines):
+    if type(bodies) is Lines:
         yield from _big_lines_texts(chunk, bodies.text)
         return
     step = _slice_length(len(bodies), chunk.size)
@@ -166,23 +181,23 @@ def _big_chunk_texts(chunk: Chunk) -> Iterator[Text]:
         yield _chunks_text([chunk._replace(bodies=bodies[first:first + step])])
 
 
-def _big_lines_texts(chunk: Chunk, text: bytes) -> Iterator[Text]:
+def _big_lines_texts(chunk: Chunk, text: bytes) -> Iterator[bytes]:
     """`_big_chunk_texts` of an NDJSON text, a slice of whole lines (to the
     first LF after each _TEXT_SLICE_BYTES) at a time. Each LF becomes a
     line's end and the next line's start, so the framed slices follow one
     another as they are: the first line's start comes before them, and
-    the start that the text's last LF makes is cut off."""
+    the last line's end after them."""
     line_start = _LINE_START(divmod(chunk.ts, 1000))
     separator = _LINE_END + line_start
     yield line_start
     begin = 0
     while True:
         end = text.find(b"\n", begin + _TEXT_SLICE_BYTES - 1) + 1 or len(text)
-        framed = text[begin:end].replace(b"\n", separator)
         if end == len(text):
-            yield memoryview(framed)[:-len(line_start)]
+            yield text[begin:end - 1].replace(b"\n", separator)
+            yield _LINE_END
             return
-        yield framed
+        yield text[begin:end].replace(b"\n", separator)
         begin = end
 
 
@@ -192,7 +207,7 @@ def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:
         yield b"".join(lines[start:start + step])
 
 
-def _gzip_texts(texts: Iterable[Text]) -> tuple[bytes, int]:
+def _gzip_texts(texts: Iterable[bytes]) -> tuple[bytes, int]:
     """One gzip member of the texts in order, and their total length; the
     whole text is never one buffer."""
     compressor = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, GZIP_WBITS)
@@ -254,7 +269,7 @@ def verify_gzip_stream(chunks: Iterable[bytes], uncompressed_bytes: int,
     return lines
 
 
-def _encoded(texts: Iterable[Text], count: int, first_ts_ms: int, last_ts_ms: int,
+def _encoded(texts: Iterable[bytes], count: int, first_ts_ms: int, last_ts_ms: int,
              key: str, batch: Batch, kind: str) -> EncodedObject:
     data, size = _gzip_texts(texts)
     verify_gzip(data, size)

@@ -126,7 +126,7 @@ class IngestState:
             plain = plain or not holds_line_break(body)
             return self.admit_chunks(
                 [Chunk(self.now_ms(), (body,), segment, plain, len(body))], ACCEPTED)
-        if isinstance(bodies, Lines):
+        if type(bodies) is Lines:  # not isinstance: an ABC's check is a Python call
             chunk = Chunk(self.now_ms(), bodies, segment, plain, bodies.size)
         else:
             chunk = Chunk(self.now_ms(), tuple(bodies), segment, plain, sum(map(len, bodies)))

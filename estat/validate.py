@@ -89,8 +89,16 @@ class _Object(msgspec.Struct, gc=False):
     """Any JSON object: its members are checked and skipped, none kept."""
 
 
-# One line of `lines_are_objects`: a JSON array of exactly one object.
-_WRAPPED_LINE = msgspec.json.Decoder(tuple[_Object])
+class _WrappedLine(msgspec.Struct, array_like=True, forbid_unknown_fields=True, gc=False):
+    """One line of `lines_are_objects`: a JSON array of exactly one object.
+    A Struct the cyclic collector does not track, where a `tuple[_Object]`
+    made a tuple per line that counted towards its next collection (100
+    per 100-line batch)."""
+
+    value: _Object
+
+
+_WRAPPED_LINE = msgspec.json.Decoder(_WrappedLine)
 # The text is decoded in slices of whole lines of about this many bytes:
 # what a slice's decode makes (its wrapped copy, a value per line, a str
 # for a UTF-8 check) is a fraction of a big batch's text, not twice it.
