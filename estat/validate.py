@@ -112,16 +112,17 @@ def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
     text: no line is split off.
 
     Each line is wrapped as `[line]` (one `replace` per slice of lines)
-    and the lines decoded by msgspec as a JSON value per line, each required to be an array of
-    exactly one object. No value can run past its line: a value ends at
-    the `]` that `]\n[` puts at each line end, since nothing in JSON lets
-    a `[` follow a closing bracket inside a value; and each line holds
-    one at least, so as many values as lines is each line one object,
-    whole. True means `body_error` is None
-    for every line. False says neither which line is wrong nor that one
-    is: `body_error` line by line decides then, so what msgspec refuses
-    and RFC 8259 allows (a lone surrogate escape, deep nesting) still gets
-    the spec's verdict."""
+    and the lines decoded by msgspec as a JSON value per line, each
+    required to be an array of exactly one object. No value can run past
+    its line: a value ends at the `]` that `]\n[` puts at each line end,
+    since nothing in JSON lets a `[` follow a closing bracket inside a
+    value; and each line holds one at least, so as many values as lines
+    is each line one object, whole.
+
+    True means `body_error` is None for every line. False says neither
+    which line is wrong nor that one is: `body_error` line by line
+    decides then, so what msgspec refuses and RFC 8259 allows (a lone
+    surrogate escape, deep nesting) still gets the spec's verdict."""
     if not text.endswith(b"\n") or not _lines_within(text, count, max_line_bytes):
         return False
     values = begin = 0
