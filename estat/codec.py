@@ -26,7 +26,8 @@ from typing import Iterable, Iterator, Optional, Sequence, cast
 from isal import isal_zlib
 
 from estat.model import (Batch, Chunk, EncodedObject, Event, Lines, events_in,
-                         events_in_chunks, holds_line_break, line_feeds, object_key, sized)
+                         events_in_chunks, holds_line_break, line_feeds, line_slices,
+                         object_key, sized)
 from estat.validate import body_error
 
 # isal level 1: about 6x the throughput of zlib level 1 at a slightly better
@@ -134,12 +135,10 @@ def _chunks_text(chunks: list[Chunk]) -> bytes:
     pieces[0::3] = starts
     bodies = list(map(_bodies_of, chunks))
     texts = list(map(is_, map(type, bodies), repeat(Lines)))
-    if any(texts):
-        pieces[1::3] = _framed_runs(texts, starts, bodies)
-    elif sum(map(len, bodies)) == count:  # one event each (single-event requests)
+    if not any(texts) and sum(map(len, bodies)) == count:  # one event each
         pieces[1::3] = map(_first, bodies)
     else:
-        pieces[1::3] = map(bytes.join, map(_LINE_END.__add__, starts), bodies)
+        pieces[1::3] = _framed_runs(texts, starts, bodies)
     text = b"".join(pieces)
     if not all(map(_plain_of, chunks)):
         if line_feeds(text) != events_in_chunks(chunks) or b"\r" in text:
@@ -190,15 +189,12 @@ def _big_lines_texts(chunk: Chunk, text: bytes) -> Iterator[bytes]:
     line_start = _LINE_START(divmod(chunk.ts, 1000))
     separator = _LINE_END + line_start
     yield line_start
-    begin = 0
-    while True:
-        end = text.find(b"\n", begin + _TEXT_SLICE_BYTES - 1) + 1 or len(text)
+    for begin, end in line_slices(text, _TEXT_SLICE_BYTES):
         if end == len(text):
             yield text[begin:end - 1].replace(b"\n", separator)
-            yield _LINE_END
-            return
-        yield text[begin:end].replace(b"\n", separator)
-        begin = end
+        else:
+            yield text[begin:end].replace(b"\n", separator)
+    yield _LINE_END
 
 
 def _texts_of_lines(lines: list[bytes]) -> Iterator[bytes]:

@@ -146,6 +146,17 @@ def line_feeds(data: bytes) -> int:
     return len(data) - len(data.replace(b"\n", b""))
 
 
+def line_slices(text: bytes, size: int) -> Iterator[tuple[int, int]]:
+    """Where the slices of whole lines of `text` (which ends with a LF)
+    begin and end: each runs to the first LF at or past `size` bytes from
+    its beginning, the last to the end of the text."""
+    begin = 0
+    while begin < len(text):
+        end = text.find(b"\n", begin + size - 1) + 1 or len(text)
+        yield begin, end
+        begin = end
+
+
 def sized(chunk: Chunk) -> Chunk:
     """`chunk` with its `size` counted."""
     if chunk.size >= 0:

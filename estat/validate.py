@@ -13,6 +13,8 @@ from typing import Optional
 import msgspec
 import orjson
 
+from estat.model import line_slices
+
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
@@ -125,9 +127,8 @@ def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
     surrogate escape, deep nesting) still gets the spec's verdict."""
     if not text.endswith(b"\n") or not _lines_within(text, count, max_line_bytes):
         return False
-    values = begin = 0
-    while begin < len(text):
-        end = text.find(b"\n", begin + _DECODE_SLICE_BYTES - 1) + 1 or len(text)
+    values = 0
+    for begin, end in line_slices(text, _DECODE_SLICE_BYTES):
         piece = text[begin:end] if begin or end < len(text) else text
         if not is_utf8(piece):
             return False
@@ -136,7 +137,6 @@ def lines_are_objects(text: bytes, count: int, max_line_bytes: int) -> bool:
             values += len(_WRAPPED_LINE.decode_lines(memoryview(wrapped)[:-1]))
         except (msgspec.DecodeError, RecursionError):
             return False
-        begin = end
     return values == count
 
 
