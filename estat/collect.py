@@ -24,7 +24,7 @@ from estat.metrics import PROTOCOLS, REJECT_REASONS, Metrics
 from estat.model import Chunk, Lines, holds_line_break
 from estat.pipeline.queue import EventQueue
 from estat.validate import (RAW_ARRAY, all_start_objects, body_error, is_utf8,
-                            lines_are_objects)
+                            lines_are_objects, unpaired_surrogate_element)
 
 _FORM_URLENCODED = b"application/x-www-form-urlencoded"
 _MULTIPART = b"multipart/"
@@ -342,6 +342,11 @@ class Collect:
             events = list(map(bytes, RAW_ARRAY.decode(body)))
         except (msgspec.DecodeError, RecursionError) as error:
             state.count_rejected("invalid_json")
+            element = unpaired_surrogate_element(body)
+            if element is not None:
+                return Answer(400, error_body("invalid_json", element=element,
+                                              detail="unpaired_surrogate",
+                                              expected="a JSON array of objects"))
             return Answer(400, error_body("invalid_json", detail=str(error),
                                           expected="a JSON array of objects"))
         validate = state.validate_json

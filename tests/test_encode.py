@@ -83,6 +83,15 @@ class EncodeTests(unittest.TestCase):
                          ["invalid_json", "invalid_utf8", "not_object"])
         self.assertEqual([round(r["ts"] * 1000) for r in records], [TS + 1, TS + 2, TS + 3])
 
+    def test_an_unpaired_surrogate_goes_to_the_raw_object_when_not_validated(self):
+        good, raw = encode_batch(batch(b'{"ok":1}', b'{"n":"\\ud800"}'), validated=False,
+                                 prefix="raw", raw_prefix="raw_dlq", host_id="h")
+        [line] = lines_of(good.data)[:-1]
+        self.assertEqual(json.loads(line)["body"], {"ok": 1})
+        [record] = [json.loads(l) for l in lines_of(raw.data)[:-1]]
+        self.assertEqual((base64.b64decode(record["body_b64"]), record["error"]),
+                         (b'{"n":"\\ud800"}', "unpaired_surrogate"))
+
     def test_all_invalid_batch_writes_only_a_raw_object(self):
         [raw] = encode_batch(batch(b"x"), validated=False, prefix="raw",
                              raw_prefix="raw_dlq", host_id="h")
@@ -119,8 +128,16 @@ class EncodeTests(unittest.TestCase):
                              (b'{"a":1}x', "invalid_json")]:
             self.assertEqual(body_error(body), reason, body)
         self.assertEqual(body_error(b"[" * 100000 + b"]" * 100000), "too_deep")
-        # allowed by RFC 8259 though orjson refuses them: the fallback accepts
-        self.assertIsNone(body_error(b'{"lone":"\\ud800","big":1e400}'))
+        # allowed by RFC 8259 though orjson refuses it: the fallback accepts
+        self.assertIsNone(body_error(b'{"big":1e400}'))
+        # allowed by RFC 8259 but no Unicode text, which jq and DuckDB refuse
+        for body in [b'{"lone":"\\ud800"}', b'{"\\udfff":1}', b'{"a":[{"b":"x\\ud83dy"}]}',
+                     b'{"low_first":"\\ude00\\ud83d"}', b'{"a":' + b"[" * 500 + b'"\\uDBFF"'
+                     + b"]" * 500 + b"}"]:
+            self.assertEqual(body_error(body), "unpaired_surrogate", body)
+        for body in [b'{"pair":"\\ud83d\\ude00"}', b'{"escaped_backslash":"\\\\ud800"}',
+                     b'{"bmp":"\\u00e9\\uffff"}']:
+            self.assertIsNone(body_error(body), body)
 
     def test_verify_gzip_detects_truncation_and_damage(self):
         data = gzip.compress(b"hello\n" * 1000)

@@ -360,6 +360,22 @@ class BatchAndGzipTests(ListenerTestCase):
                                 "expected": "one JSON object per line"}))
         self.assertEqual(list(self.queue), [])
 
+    def test_an_unpaired_surrogate_escape_is_refused_where_it_is(self):
+        # RFC 8259 allows "\\ud800", but it is no Unicode character: jq and
+        # DuckDB refuse the object it would be stored in.
+        code, answer = self.send(b'{"a":1}\n{"a":"\\ud83d\\ude00"}\n{"a":"\\ud800"}\n')
+        self.assertEqual((code, answer["line"], answer["detail"]), (400, 3, "unpaired_surrogate"))
+        code, answer = self.send(b'[{"a":1}, {"\\udc00":2}]', b"application/json")
+        self.assertEqual((code, answer["element"], answer["detail"]),
+                         (400, 2, "unpaired_surrogate"))
+        code, answer = self.send(b'[{"b":"\\ud800"}]', b"application/json")
+        self.assertEqual((code, answer["element"], answer["detail"]),
+                         (400, 1, "unpaired_surrogate"))
+        code, answer = self.send(b'{"a":"x\\uDBFF"}', b"application/json")
+        self.assertEqual((code, answer["detail"]), (400, "unpaired_surrogate"))
+        self.assertEqual(list(self.queue), [])
+        self.assertEqual(self.metric("estat_events_rejected_total", reason="invalid_json"), 4)
+
     def test_empty_batch_is_refused(self):
         code, answer = self.send(b"\n\n")
         self.assertEqual((code, answer["detail"]), (400, "no_events"))

@@ -1,12 +1,14 @@
 """Readers nobody here wrote, on what estat stored: DuckDB reading the
 local store with Hive partitions (typed `dt` and `hour`, and one tree for
-writers with and without a prefix segment), and boto3 listing and reading
+writers with and without a prefix segment), boto3 listing and reading
 the objects of a (moto) S3 bucket, every line valid JSON as `zcat | jq`
-needs."""
+needs, and jq and DuckDB reading the strings JSON allows and they
+refuse (an unpaired surrogate escape) kept out of the objects."""
 
 from __future__ import annotations
 
 import datetime
+import glob
 import gzip
 import json
 import os
@@ -14,7 +16,8 @@ import os
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from tests.interop.harness import Estat, assert_stored_once, require_module
+from tests.interop.harness import (Estat, assert_stored_once, require_binary, require_module,
+                                   run, which)
 from tests.support import MotoServer, post
 
 WEB_KEY = "web-key-0123456789abcdef"
@@ -69,6 +72,58 @@ class DuckDB(unittest.TestCase):
             received = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)  # epoch seconds
             self.assertEqual((dt, hour, dt_type, hour_type),
                              (received.date(), received.hour, "DATE", "INTEGER"))
+
+
+class UnicodeEscapes(unittest.TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_jq_and_duckdb_read_every_object_escapes_and_all(self):
+        """Characters outside the BMP, escaped as a surrogate pair and as
+        UTF-8, are stored as sent and read back by `zcat | jq` and DuckDB;
+        an unpaired surrogate escape, which JSON allows and both refuse
+        (DuckDB the whole file), is answered 400 and never stored."""
+        duckdb = require_module("duckdb")
+        jq = require_binary(which("jq") or "/usr/bin/jq", "jq")
+        estat = Estat(self, {"FLUSH_INTERVAL": "0.2"})
+        yield estat.start()
+        accepted = [(b'{"id":"pair","s":"\\ud83d\\ude00"}', "application/json"),
+                    ('{"id":"utf8","s":"\U0001f600"}'.encode(), "application/json"),
+                    (b'{"id":"ndjson-1","s":"\\uD83D\\uDE00"}\n{"id":"ndjson-2","s":"x"}\n',
+                     "application/x-ndjson")]
+        refused = [(b'{"id":"lone","s":"\\ud800"}', "application/json", {}),
+                   (b'{"id":"ok"}\n{"id":"low","s":"\\ude00"}\n', "application/x-ndjson",
+                    {"line": 2}),
+                   (b'[{"id":"ok"},{"id":"key","\\udbff":1}]', "application/json",
+                    {"element": 2})]
+        for body, content_type in accepted:
+            status, answer = post(estat.url + "/collect", body, content_type)
+            self.assertEqual(status, 202, answer)
+        for body, content_type, where in refused:
+            status, answer = post(estat.url + "/collect", body, content_type)
+            refusal = json.loads(answer)
+            refusal.pop("expected", None)
+            self.assertEqual((status, refusal), (400, {"error": "invalid_json", **where,
+                                                       "detail": "unpaired_surrogate"}), body)
+        lines = yield estat.stored()
+        assert_stored_once(self, lines, ["pair", "utf8", "ndjson-1", "ndjson-2"])
+        objects = glob.glob(os.path.join(estat.output_dir, "raw", "**", "*.jsonl.gz"),
+                            recursive=True)
+        self.assertTrue(objects)
+        read = []
+        for path in objects:
+            with gzip.open(path, "rb") as handle:
+                done = run([jq, "-r", ".body | [.id, .s] | @tsv"], input=handle.read())
+            self.assertEqual(done.returncode, 0, done.stderr)
+            read += done.stdout.decode("utf-8").splitlines()
+        self.assertEqual(sorted(read), ["ndjson-1\t\U0001f600", "ndjson-2\tx",
+                                        "pair\t\U0001f600", "utf8\t\U0001f600"])
+        connection = duckdb.connect()
+        self.addCleanup(connection.close)
+        rows = connection.execute("select body.id, body.s from read_json_auto(?)",
+                                  [objects]).fetchall()
+        self.assertEqual(sorted(rows), [("ndjson-1", "\U0001f600"), ("ndjson-2", "x"),
+                                        ("pair", "\U0001f600"), ("utf8", "\U0001f600")])
 
 
 class Boto3(unittest.TestCase):
